@@ -1,0 +1,49 @@
+"""sm3fn: the memory-efficient SM3 optimizer for PyTorch, as composable pure transforms.
+
+    tx = sm3fn.sm3(learning_rate=0.1)
+    state = tx.init(params)
+    updates, state = tx.update(grads, state, params)
+    params = sm3fn.apply_updates(params, updates)
+"""
+
+from sm3fn.alias import sm3
+from sm3fn.base import (
+    GradientTransformation,
+    OptState,
+    Schedule,
+    ScalarOrSchedule,
+    Tree,
+    apply_updates,
+    identity,
+)
+from sm3fn.transforms import (
+    chain,
+    ema,
+    named_chain,
+    scale,
+    scale_by_learning_rate,
+    scale_by_schedule,
+    scale_by_sm3,
+    trace,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GradientTransformation",
+    "OptState",
+    "Schedule",
+    "ScalarOrSchedule",
+    "Tree",
+    "apply_updates",
+    "chain",
+    "ema",
+    "identity",
+    "named_chain",
+    "scale",
+    "scale_by_learning_rate",
+    "scale_by_schedule",
+    "scale_by_sm3",
+    "sm3",
+    "trace",
+]

@@ -1,0 +1,168 @@
+"""The SM3-II equations: the one definition every path of sm3fn calls.
+
+Anil, Gupta, Koren, Singer, "Memory-Efficient Adaptive Optimization",
+NeurIPS 2019 (arXiv:1901.11150), Algorithm SM3-II.  For a gradient ``g`` of
+shape ``(n_1, ..., n_k)`` with one accumulator ``a_i`` per dimension, stored
+with ``keepdim`` layout (``a_i`` has ``n_i`` in dim ``i`` and 1 elsewhere, so
+it broadcasts against ``g`` and follows a DTensor's placements)::
+
+    nu  = min_i a_i + g*g                          (beta == 0)
+    nu  = beta * min_i a_i + (1 - beta) * g*g      (beta  > 0)
+    u   = g / sqrt(nu + eps)   where nu > 0, else 0
+    a_i <- max of nu over every dim but i
+
+A 0-d or 1-d tensor keeps one full-size accumulator (diagonal Adagrad).
+
+Each function takes optional ``out`` buffers.  With ``out=None`` they are
+ordinary differentiable tensor expressions (the ``torch.func`` path); with
+buffers they compute in place without allocating full-size temporaries (the
+fast path, which calls :func:`sm3_block` on blocks of rows).  Both paths run
+the same lines, so they cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+
+Scalar = Union[float, torch.Tensor]
+
+
+def accumulator_shapes(shape: Sequence[int]) -> list[tuple[int, ...]]:
+    """The shape of each accumulator of a parameter of ``shape``."""
+    k = len(shape)
+    if k <= 1:
+        return [tuple(shape)]
+    return [tuple(n if d == i else 1 for d, n in enumerate(shape)) for i in range(k)]
+
+
+def param_shape(accumulators: Sequence[torch.Tensor]) -> tuple[int, ...]:
+    """The parameter shape that ``accumulators`` (as made by :func:`init_accumulators`) cover."""
+    if len(accumulators) == 1:
+        return tuple(accumulators[0].shape)
+    return tuple(a.shape[i] for i, a in enumerate(accumulators))
+
+
+def init_accumulators(param: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """Zero accumulators for ``param``.
+
+    Made by reducing a zero tensor shaped like ``param`` so that device,
+    batching (``vmap``) and DTensor placements follow the parameter's.
+    """
+    zeros = torch.zeros_like(param, dtype=dtype)
+    if param.dim() <= 1:
+        return (zeros,)
+    if zeros.numel() == 0:
+        return tuple(zeros.new_zeros(s) for s in accumulator_shapes(param.shape))
+    return cover_maxima(zeros)
+
+
+def cover_minimum(
+    accumulators: Sequence[torch.Tensor], out: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """``min_i a_i``, broadcast to the parameter's shape (the accumulator itself for 0-d/1-d)."""
+    if len(accumulators) == 1:
+        return accumulators[0]
+    # expand the first so that ``out`` gets the full shape at once (k > 2)
+    shape = torch.broadcast_shapes(*(a.shape for a in accumulators))
+    low = torch.minimum(accumulators[0].expand(shape), accumulators[1], out=out)
+    for a in accumulators[2:]:
+        low = torch.minimum(low, a, out=out)
+    return low
+
+
+def second_moment(
+    grad: torch.Tensor,
+    cover_min: torch.Tensor,
+    beta: Scalar,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """``nu``: the cover minimum plus ``g*g`` (beta == 0), or their moving average.
+
+    ``beta`` may be a tensor (a meta-learned or swept value); a tensor equal to
+    0 selects the sum, as the float 0 does.
+    """
+    if isinstance(beta, torch.Tensor):
+        is_sum = beta == 0
+        decay = torch.where(is_sum, torch.ones_like(beta), beta)
+        fresh = torch.where(is_sum, torch.ones_like(beta), 1 - beta)
+        nu = torch.mul(cover_min, decay, out=out)
+        return torch.add(nu, fresh * grad * grad, out=out)
+    if beta == 0:
+        return torch.addcmul(cover_min, grad, grad, out=out)
+    nu = torch.mul(cover_min, beta, out=out)
+    return torch.addcmul(nu, grad, grad, value=1 - beta, out=out)
+
+
+def precondition(
+    grad: torch.Tensor,
+    nu: torch.Tensor,
+    eps: float,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """``u = g / sqrt(nu + eps)`` where ``nu > 0``, else 0.
+
+    The inner ``where`` keeps the square root away from 0, so the gradient
+    of ``u`` is finite at ``g = 0`` (``g * rsqrt(nu + eps)`` is NaN there in
+    float32 with eps = 1e-30); the outer one makes a zero gradient a zero
+    step even where ``eps`` underflows.  ``out`` may be ``nu`` itself.
+    """
+    positive = nu > 0
+    if out is None:
+        den = torch.where(positive, nu, 1.0)
+    else:  # where(..., out=) takes no Python scalar
+        den = torch.where(positive, nu, torch.ones((), dtype=nu.dtype, device=nu.device), out=out)
+    den = torch.add(den, eps, out=out)
+    den = torch.sqrt(den, out=out)
+    u = torch.div(grad, den, out=out)
+    if out is None:
+        return torch.where(positive, u, 0.0)
+    return u.masked_fill_(~positive, 0.0)
+
+
+def cover_maxima(nu: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``a_i = max of nu over every dim but i`` (``nu`` itself for 0-d/1-d)."""
+    k = nu.dim()
+    if k <= 1:
+        return (nu,)
+    dims = list(range(k))
+    return tuple(nu.amax(dim=dims[:i] + dims[i + 1 :], keepdim=True) for i in range(k))
+
+
+def sm3_block(
+    grad: torch.Tensor,
+    accumulators: Sequence[torch.Tensor],
+    beta: Scalar,
+    eps: float,
+    *,
+    nu_out: Optional[torch.Tensor] = None,
+    u_out: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """One SM3 step on ``grad`` (a whole tensor or a block of its rows).
+
+    Returns ``(u, maxima)``: the preconditioned gradient and the cover
+    maxima of ``nu`` over this block.  On a whole tensor ``maxima`` are the
+    new accumulators.  On a block of rows, ``maxima[0]`` are the new row
+    accumulators of those rows and ``maxima[i > 0]`` are partial maxima the
+    caller combines across blocks.
+
+    ``accumulators`` and ``grad`` must be in the statistics dtype.  With
+    ``nu_out``/``u_out`` the work is done in those buffers (they may be one
+    buffer, or ``nu_out`` may be a 1-d accumulator, which then holds the new
+    accumulator afterwards); without, everything is out of place and
+    differentiable.
+    """
+    if nu_out is not None and nu_out is u_out and grad.dim() <= 1:
+        raise ValueError("for a 0-d/1-d block nu is the new accumulator; u_out must differ")
+    nu = second_moment(grad, cover_minimum(accumulators, out=nu_out), beta, out=nu_out)
+    maxima = cover_maxima(nu)
+    u = precondition(grad, nu, eps, out=u_out)
+    return u, maxima
+
+
+def ema(
+    buffer: torch.Tensor, value: torch.Tensor, decay: Scalar, out: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """``decay * buffer + (1 - decay) * value``: the seed's momentum on ``u``."""
+    return torch.lerp(value, buffer, decay, out=out)

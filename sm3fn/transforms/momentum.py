@@ -1,0 +1,93 @@
+"""Momentum: ``ema`` (the seed's, on the preconditioned gradient) and ``trace`` (heavy ball)."""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from sm3fn import _checks, _tree
+from sm3fn._sm3_math import ema as ema_step
+from sm3fn.base import GradientTransformation, OptState, Tree
+
+# (buffer, update) -> (new buffer, outgoing update)
+_BufferStep = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def _buffered(owner: str, dtype: Optional[torch.dtype], step: _BufferStep) -> GradientTransformation:
+    """A transform that keeps one buffer per parameter, shaped like it.
+
+    State: ``{param path: buffer}``.  A ``None`` update (frozen parameter)
+    leaves its buffer as it was.
+    """
+    _checks.check_dtype_arg("dtype", dtype)
+
+    def init(params: Tree) -> OptState:
+        buffers = {}
+        for path, p in _tree.flatten(params, "params").items():
+            if p is None:
+                continue
+            _checks.check_floating("params", path, p)
+            buffers[path] = torch.zeros_like(p, dtype=_checks.statistics_dtype(p.dtype, dtype))
+        return _tree.state_tree(buffers)
+
+    def update(updates: Tree, state: OptState, params: Optional[Tree] = None):
+        incoming = _tree.flatten(updates, "updates")
+        buffers = _tree.flatten(state, f"{owner} state")
+        _tree.check_same_keys(incoming, buffers, owner)
+        for path, u in incoming.items():
+            if u is None:
+                continue
+            _checks.check_floating("updates", path, u)
+            if u.shape != buffers[path].shape:
+                raise ValueError(
+                    f"updates[{_tree.fmt(path)}] has shape {tuple(u.shape)}, but the {owner} "
+                    f"state was made for shape {tuple(buffers[path].shape)}"
+                )
+        outgoing, new_buffers = {}, {}
+        for path, u in incoming.items():
+            if u is None:
+                outgoing[path], new_buffers[path] = None, buffers[path]
+                continue
+            new_buffers[path], out = step(buffers[path], u.to(buffers[path].dtype))
+            outgoing[path] = out.to(u.dtype)
+        return _tree.unflatten_like(updates, outgoing), _tree.state_tree(new_buffers)
+
+    return GradientTransformation(init, update)
+
+
+def ema(decay: float | torch.Tensor, dtype: Optional[torch.dtype] = None) -> GradientTransformation:
+    """Exponential moving average of the updates: the momentum of torch-SM3 and the authors' code.
+
+    ``m <- decay * m + (1 - decay) * u``, and ``m`` is the update.  ``m``
+    starts at zero, with no bias correction (as in the seed).
+
+    Args:
+      decay: in ``[0, 1)``; may be a tensor.
+      dtype: the buffer's dtype; default: the parameter's for float32/float64,
+        float32 for narrower floats (``torch.bfloat16`` halves the memory).
+    """
+    _checks.check_scalar("decay", decay, 0.0, 1.0)
+    return _buffered("ema", dtype, lambda m, u: (lambda new: (new, new))(ema_step(m, u, decay)))
+
+
+def trace(
+    decay: float | torch.Tensor, nesterov: bool = False, dtype: Optional[torch.dtype] = None
+) -> GradientTransformation:
+    """Heavy-ball momentum: ``m <- decay * m + u``; the update is ``m``
+    (or ``u + decay * m`` with ``nesterov``), as ``torch.optim.SGD`` does.
+
+    Args:
+      decay: in ``[0, 1)``; may be a tensor.
+      nesterov: use Nesterov's look-ahead.
+      dtype: the buffer's dtype (as in :func:`ema`).
+    """
+    _checks.check_scalar("decay", decay, 0.0, 1.0)
+    if not isinstance(nesterov, bool):
+        raise TypeError(f"nesterov must be a bool, got {nesterov!r}")
+
+    def step(m: torch.Tensor, u: torch.Tensor):
+        new = m * decay + u
+        return new, (u + new * decay) if nesterov else new
+
+    return _buffered("trace", dtype, step)

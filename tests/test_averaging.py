@@ -131,7 +131,7 @@ def test_errors_name_the_problem_and_change_nothing():
 
 
 def test_vmap_over_tasks():
-    """A batch of tasks, each with its own params and average (EMA decay also batched)."""
+    """A batch of tasks, each with its own params, schedule count and average (EMA decay batched too)."""
     torch.manual_seed(0)
     tasks = 4
     params = {"w": torch.randn(tasks, 3, 2)}
@@ -139,7 +139,7 @@ def test_vmap_over_tasks():
     grads = [{"w": torch.randn(tasks, 3, 2)} for _ in range(3)]
 
     def run(p, d, gs):
-        tx = sm3fn.chain(sm3fn.sm3(0.1), sm3fn.parameter_averaging(decay=d))
+        tx = sm3fn.chain(sm3fn.sm3(sm3fn.schedules.recipe(0.1, 40, warmup_fraction=0.1)), sm3fn.parameter_averaging(decay=d))
         s = tx.init(p)
         for g in gs:
             u, s = tx.update(g, s, p)

@@ -15,6 +15,10 @@ def global_norm(tree: Tree) -> torch.Tensor:
 
     ``None`` leaves (frozen parameters) count as zero.  Low-precision leaves
     are summed in float32 so that the square does not overflow float16.
+
+    Example::
+
+        sm3fn.global_norm({"w": torch.tensor([3.0]), "b": torch.tensor([4.0])})   # tensor(5.)
     """
     leaves = [u for u in _tree.flatten(tree, "updates").values() if u is not None]
     if not leaves:

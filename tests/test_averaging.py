@@ -43,15 +43,16 @@ def test_polyak_is_the_mean_of_the_iterates(start_step):
         assert int(state["1", "count"]) == steps
 
 
-def test_ema_of_the_iterates():
+@pytest.mark.parametrize("start_step", [0, 3])
+def test_ema_of_the_iterates(start_step):
     rng = np.random.default_rng(5)
     decay = 0.8
-    tx = sm3fn.chain(sm3fn.sm3(0.1), sm3fn.parameter_averaging(decay=decay))
+    tx = sm3fn.chain(sm3fn.sm3(0.1), sm3fn.parameter_averaging(decay=decay, start_step=start_step))
     state, params, its = _run(tx, 7, rng)
     want = {k: its[0][k].copy() for k in SHAPES}  # starts at the initial params
-    for it in its[1:]:
+    for t, it in enumerate(its[1:], start=1):
         for k in SHAPES:
-            want[k] = decay * want[k] + (1 - decay) * it[k]
+            want[k] = it[k] if t <= start_step else decay * want[k] + (1 - decay) * it[k]
     avg = sm3fn.averaged_params(state)  # no `like`: a TensorDict
     assert isinstance(avg, TensorDict)
     for k in SHAPES:

@@ -121,7 +121,8 @@ class SM3(FunctionalOptimizer):
 
     def _describe_param(self, group: Mapping[str, Any], p: torch.Tensor, index: int) -> str:
         names = group.get("param_names")
-        name = f" ({names[group['params'].index(p)]!r})" if names else ""
+        position = next(i for i, q in enumerate(group["params"]) if q is p)  # not list.index: tensor ==
+        name = f" ({names[position]!r})" if names else ""
         return f"parameter {index}{name} of shape {tuple(p.shape)}"
 
     @torch.no_grad()

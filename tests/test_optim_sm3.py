@@ -347,13 +347,15 @@ def test_bad_hyperparameter_at_step_changes_nothing():
 
 
 def test_sparse_gradient_is_refused_clearly():
-    # hook point for the sparse kernel: until it is wired in, a clear TypeError
-    emb = torch.nn.Embedding(10, 3, sparse=True)
-    opt = SM3(emb.parameters())
-    emb(torch.tensor([1, 2])).sum().backward()
-    with pytest.raises(TypeError, match="parameter 0 of shape \\(10, 3\\).*sparse"):
+    # hook point for the sparse kernel (SM3._check_sparse / _sparse_step_): until it is
+    # wired in, a clear TypeError, raised before the dense parameters move
+    emb, lin = torch.nn.Embedding(10, 3, sparse=True), torch.nn.Linear(3, 2)
+    opt = SM3([{"params": lin.parameters()}, {"params": emb.parameters()}])
+    lin(emb(torch.tensor([1, 2]))).sum().backward()
+    before = lin.weight.detach().clone()
+    with pytest.raises(TypeError, match="parameter 2 of shape \\(10, 3\\).*sparse"):
         opt.step()
-    assert not opt.state
+    assert not opt.state and torch.equal(lin.weight, before)
 
 
 # -- checkpoints ------------------------------------------------------------------------
@@ -482,3 +484,20 @@ def test_load_state_dict_mismatch_raises_and_changes_nothing():
         opt.load_state_dict(other_opt.state_dict())
     _assert_unchanged(opt, snapshot)
     opt.load_state_dict(good)  # and the good one still loads
+
+
+def test_deepcopy_and_pickle_keep_the_options():
+    import copy
+    import pickle
+
+    model = make_model(torch.float32)
+    opt = SM3(model.parameters(), momentum=0.9, accumulator_dtype=torch.float64)
+    train(model, opt, batches(1, torch.float32))
+    for clone in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        assert clone.accumulator_dtype == torch.float64
+        params = [p for g in clone.param_groups for p in g["params"]]
+        for p, q in zip(params, model.parameters()):
+            p.grad = q.grad.clone()
+        clone.step()
+        assert all(int(clone.state[p]["step"]) == 2 for p in params)
+        assert clone.state[params[0]]["accumulator_0"].dtype == torch.float64

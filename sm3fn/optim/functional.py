@@ -135,6 +135,12 @@ class FunctionalOptimizer(torch.optim.Optimizer):
         self._hyperparameters = tuple(defaults)
         super().__init__(params, defaults)
 
+    #: attributes that pickling and ``copy.deepcopy`` keep (torch.optim keeps only its own)
+    _PICKLED = ("_tx", "_hyperparameters")
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**super().__getstate__(), **{k: self.__dict__[k] for k in self._PICKLED}}
+
     # -- hooks that subclasses override -------------------------------------------------
 
     def _check_group(self, group: Mapping[str, Any]) -> None:
@@ -156,6 +162,7 @@ class FunctionalOptimizer(torch.optim.Optimizer):
         super().add_param_group(param_group)
         try:
             self._check_group(self.param_groups[-1])
+            self._transform(self.param_groups[-1])  # a factory checks its hyperparameters now
         except Exception:
             self.param_groups.pop()
             raise

@@ -235,6 +235,15 @@ def test_frozen_parameters_are_skipped():
         train(their_model, TorchSM3(their_model.parameters()), batches(1))
 
 
+def test_empty_parameters_are_skipped():
+    empty, w = torch.nn.Parameter(torch.zeros(0, 3)), torch.nn.Parameter(torch.randn(2, 3))
+    opt = SM3([empty, w])
+    empty.grad, w.grad = torch.zeros(0, 3), torch.randn(2, 3)
+    before = w.detach().clone()
+    opt.step()
+    assert empty not in opt.state and not torch.equal(w, before)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision_zero_gradient_gives_no_nan(dtype):
     torch.manual_seed(0)

@@ -161,7 +161,7 @@ class SM3(FunctionalOptimizer):
             dense, sparse = [], []
             for p in group["params"]:
                 g = p.grad
-                if g is None:  # frozen: skipped
+                if g is None or p.numel() == 0:  # frozen, or nothing to update: skipped
                     continue
                 if not p.is_floating_point() or not g.is_floating_point():
                     raise TypeError(

@@ -90,7 +90,27 @@ def test_matches_torch_sm3_on_a_model_with_a_scheduler(dtype, tol, momentum):
             assert "momentum_buffer" not in ours_state  # torch-SM3 keeps the float 0. here
 
 
-# -- the float64 reference: shapes, param groups, beta > 0, momentum ---------------------
+# -- the float64 reference: a model, shapes, param groups, beta > 0, momentum -----------
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_model_with_scheduler_matches_reference(momentum):
+    model = make_model()
+    opt = SM3(model.parameters(), lr=0.05, momentum=momentum)
+    lam = seed_lambda(warm_up=2, total=6)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lam)
+    refs = [ReferenceSM3(p.detach().numpy(), momentum=momentum) for p in model.parameters()]
+    for t, (x, y) in enumerate(batches(6)):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        for p, ref in zip(model.parameters(), refs):
+            ref.lr = 0.05 * lam(t)
+            ref.step(p.grad.numpy())  # the same gradient: the parameters agreed so far
+        opt.step()
+        sched.step()
+        for p, ref in zip(model.parameters(), refs):
+            np.testing.assert_allclose(p.detach().numpy(), ref.p, rtol=1e-11, atol=1e-13)
+
 
 SHAPES = [(), (7,), (6, 5), (3, 4, 2), (1, 9)]
 

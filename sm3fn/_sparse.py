@@ -60,18 +60,19 @@ def check_spec(sparse: SparseSpec) -> Callable[[_tree.Path], bool]:
     return lambda path: ".".join(path) in names
 
 
-def check_not_compiling(declared: list[_tree.Path], owner: str) -> None:
+def check_not_compiling(sparse_params: list[str], owner: str, hint: str = "") -> None:
     """Sparse tensors cannot be traced: stop, naming the parameter, under ``torch.compile``.
 
     Called before any gradient is read, since torch.compile refuses a
     sparse tensor as soon as it sees one (with ``fullgraph=False`` it falls
     back to eager for this step, where the sparse path runs).
+    ``sparse_params`` describe the parameters known to take sparse gradients.
     """
-    if declared and torch.compiler.is_compiling():
+    if sparse_params and torch.compiler.is_compiling():
         raise TypeError(
-            f"{owner}: parameter {_tree.fmt(declared[0])} is declared sparse, and torch.compile "
-            "cannot trace sparse gradients; run this step eagerly (or without fullgraph=True), "
-            "or leave the parameter out of sparse= and give it dense gradients"
+            f"{owner}: {sparse_params[0]} takes sparse gradients, which torch.compile cannot "
+            "trace; run this step eagerly (torch.compile without fullgraph=True falls back to "
+            f"eager for it){hint}"
         )
 
 
@@ -135,15 +136,19 @@ def sparse_update(
     the touched rows replaced.
     """
     rows, block = touched_rows(grad)
-    u, new_rows = row_cover_step(
-        block.to(accumulator.dtype), _gather(accumulator, rows, block.dim()), beta, eps
-    )
-    flat = accumulator.reshape(-1).index_copy(0, rows, new_rows.reshape(-1))
+    if rows.numel() == 0:  # nothing touched (and no row for the row maximum to reduce)
+        u, new_accumulator = block, accumulator
+    else:
+        u, new_rows = row_cover_step(
+            block.to(accumulator.dtype), _gather(accumulator, rows, block.dim()), beta, eps
+        )
+        flat = accumulator.reshape(-1).index_copy(0, rows, new_rows.reshape(-1))
+        new_accumulator = flat.view(accumulator.shape)
     update = torch.sparse_coo_tensor(
         rows.unsqueeze(0), u.to(grad.dtype), grad.shape,
         is_coalesced=True, check_invariants=False,
     )
-    return update, flat.view(accumulator.shape)
+    return update, new_accumulator
 
 
 @torch.compiler.disable
@@ -164,6 +169,8 @@ def sparse_apply_(
     momentum.  ``grad`` is only read.
     """
     rows, block = touched_rows(grad)
+    if rows.numel() == 0:
+        return
     flat = accumulator.view(-1)
     u, new_rows = row_cover_step(block.to(flat.dtype), _gather(flat, rows, block.dim()), beta, eps)
     flat.index_copy_(0, rows, new_rows.reshape(-1))

@@ -12,6 +12,10 @@ Per-parameter state, as in torch-SM3 (so its checkpoints load here):
   ``n_i`` in dim ``i`` and 1 elsewhere (one full-size accumulator for 0-d/1-d);
 * ``momentum_buffer``: only while ``momentum > 0`` (torch-SM3 stores the
   float ``0.`` otherwise).
+
+A parameter whose first gradient is sparse (``nn.Embedding(sparse=True)``)
+keeps only ``accumulator_0``, shape ``(n_1, 1, ..., 1)``, and no momentum
+buffer (see :mod:`sm3fn._sparse`).
 """
 
 from __future__ import annotations
@@ -21,10 +25,11 @@ from typing import Any, Callable, Mapping, Optional
 
 import torch
 
-from sm3fn import _checks
+from sm3fn import _checks, _sparse
 from sm3fn._inplace import sm3_apply_
 from sm3fn.alias import sm3 as sm3_tx
 from sm3fn.optim.functional import PARAM, FunctionalOptimizer, Template, param_key
+from sm3fn.optim.functional import _describe as _describe_value
 
 STEP = "step"
 MOMENTUM_BUFFER = "momentum_buffer"
@@ -34,7 +39,14 @@ ACCUMULATOR = "accumulator_"
 _SM3_STAGE, _MOMENTUM_STAGE = "sm3", "momentum"
 
 
+def _row_cover(state: Mapping[str, Any], p: torch.Tensor) -> bool:
+    """State made by a sparse gradient: the row accumulator of a parameter with 2+ dims only."""
+    return p.dim() >= 2 and f"{ACCUMULATOR}0" in state and f"{ACCUMULATOR}1" not in state
+
+
 def _accumulators(state: Mapping[str, Any], p: torch.Tensor) -> list[torch.Tensor]:
+    if _row_cover(state, p):
+        return [state[f"{ACCUMULATOR}0"]]
     return [state[f"{ACCUMULATOR}{i}"] for i in range(max(1, p.dim()))]
 
 
@@ -63,6 +75,17 @@ class SM3(FunctionalOptimizer):
       eps: added to ``nu`` under the square root, ``>= 0``.
       accumulator_dtype, momentum_dtype: dtypes of the statistics; default:
         the parameter's for float32/float64, float32 for bfloat16/float16.
+
+    Sparse gradients (``nn.Embedding(sparse=True)``, ``nn.EmbeddingBag(sparse=True)``,
+    any ``torch.sparse_coo`` gradient) update only the rows they touch, with
+    the row accumulator ``a_0`` as the only cover; other rows keep their
+    values and accumulators exactly, and momentum is not applied to them (as
+    in torch-SM3 and the authors' code).  A parameter whose first gradient
+    is sparse keeps only ``a_0`` (``n_1`` numbers; later dense gradients are
+    row-cover steps on every row); one whose state began dense keeps its
+    other accumulators and momentum buffer untouched by sparse steps.  A
+    step under ``torch.compile`` on a parameter that has had sparse
+    gradients is a ``TypeError`` naming it (sparse tensors cannot be traced).
 
     Unlike torch-SM3: parameters whose ``.grad`` is None are skipped,
     ``beta > 0`` accumulators decay, a zero gradient in float16/bfloat16 is a
@@ -132,6 +155,12 @@ class SM3(FunctionalOptimizer):
             with torch.enable_grad():
                 loss = closure()
         index = self._index()
+        # before any .grad is read: torch.compile rejects a sparse tensor on sight
+        _sparse.check_not_compiling(
+            [self._describe_param(g, p, index[id(p)])
+             for g in self.param_groups for p in g["params"] if _row_cover(self.state.get(p, {}), p)],
+            "sm3fn.optim.SM3",
+        )
         work = []
         # 1. check everything, so that a bad group or gradient changes nothing
         for group in self.param_groups:
@@ -139,12 +168,16 @@ class SM3(FunctionalOptimizer):
             params = [p for p in group["params"] if p.grad is not None]  # .grad None: frozen, skipped
             for p in params:
                 g = p.grad
-                if g.layout != torch.strided:
-                    # Hook for sparse gradients (nn.Embedding(sparse=True)): the sparse
-                    # kernel is wired in here; until then they are refused.
+                if g.layout not in (torch.strided, torch.sparse_coo):
                     raise TypeError(
                         f"{self._describe_param(group, p, index[id(p)])} has a {g.layout} gradient; "
-                        "sm3fn.optim.SM3 does not take sparse gradients yet"
+                        "sm3fn.optim.SM3 takes dense (torch.strided) or torch.sparse_coo gradients"
+                    )
+                if _sparse.is_sparse(g) and (g.shape != p.shape or g.sparse_dim() == 0):
+                    raise ValueError(
+                        f"{self._describe_param(group, p, index[id(p)])} has a sparse gradient of shape "
+                        f"{tuple(g.shape)} with {g.sparse_dim()} sparse dims; expected the parameter's "
+                        "shape and at least one sparse dim"
                     )
                 if not p.is_floating_point() or not g.is_floating_point():
                     raise TypeError(
@@ -153,14 +186,21 @@ class SM3(FunctionalOptimizer):
                     )
             if params:
                 work.append((group, params))
-        # 2. state for new parameters (and a momentum buffer once momentum > 0), from tx.init
+        # 2. state for new parameters (and a momentum buffer once momentum > 0), from tx.init;
+        # a first gradient that is sparse makes the row accumulator only
         for group, params in work:
+            for p in params:
+                if f"{ACCUMULATOR}0" not in self.state.get(p, {}) and _sparse.is_sparse(p.grad):
+                    dtype = _checks.statistics_dtype(p.dtype, self.accumulator_dtype)
+                    self.state[p][f"{ACCUMULATOR}0"] = _sparse.row_accumulator(p.detach(), dtype)
+                    self.state[p].setdefault(STEP, torch.zeros((), dtype=torch.int64))
             with_momentum = group["momentum"] > 0
             needs = {
                 param_key(index[id(p)]): p
                 for p in params
-                if f"{ACCUMULATOR}0" not in self.state.get(p, {})
-                or (with_momentum and not isinstance(self.state[p].get(MOMENTUM_BUFFER), torch.Tensor))
+                if not _row_cover(self.state.get(p, {}), p)
+                and (f"{ACCUMULATOR}0" not in self.state.get(p, {})
+                     or (with_momentum and not isinstance(self.state[p].get(MOMENTUM_BUFFER), torch.Tensor)))
             }
             fresh = self._fresh_state(self._transform(group), {k: p.detach() for k, p in needs.items()})
             for key, p in needs.items():
@@ -170,15 +210,22 @@ class SM3(FunctionalOptimizer):
                         state[name] = value
                 if STEP not in state:
                     state[STEP] = torch.zeros((), dtype=torch.int64)
-        # 3. the in-place step
+        # 3. the in-place step: sparse gradients on their touched rows, the rest on the fast path
         for group, params in work:
             momentum = group["momentum"]
+            for p in params:
+                if _sparse.is_sparse(p.grad):
+                    _sparse.sparse_apply_(p, p.grad, self.state[p][f"{ACCUMULATOR}0"],
+                                          lr=group["lr"], beta=group["beta"], eps=group["eps"])
+                    self.state[p][STEP] += 1
+            params = [p for p in params if not _sparse.is_sparse(p.grad)]
             states = [self.state[p] for p in params]
             sm3_apply_(
                 params,
                 [p.grad for p in params],
                 [_accumulators(s, p) for s, p in zip(states, params)],
-                [s[MOMENTUM_BUFFER] if momentum > 0 else None for s in states],
+                [s[MOMENTUM_BUFFER] if momentum > 0 and not _row_cover(s, p) else None
+                 for s, p in zip(states, params)],
                 lr=group["lr"],
                 momentum=momentum,
                 beta=group["beta"],
@@ -223,9 +270,29 @@ class SM3(FunctionalOptimizer):
             )
         else:
             buffer = None
-        # the accumulators, checked against tx.init's (momentum left out: handled above)
-        out = super()._load_param_state(name, p, {**group, "momentum": 0.0}, saved)
+        if p.dim() >= 2 and [k for k in saved if k.startswith(ACCUMULATOR)] == [f"{ACCUMULATOR}0"]:
+            out = self._load_row_cover(name, p, saved, buffer)  # state made by sparse gradients
+        else:
+            # the accumulators, checked against tx.init's (momentum left out: handled above)
+            out = super()._load_param_state(name, p, {**group, "momentum": 0.0}, saved)
         out[STEP] = torch.tensor(int(step), dtype=torch.int64)
         if buffer is not None:
             out[MOMENTUM_BUFFER] = buffer
         return out
+
+    def _load_row_cover(
+        self, name: str, p: torch.Tensor, saved: Mapping[str, Any], buffer: Optional[torch.Tensor]
+    ) -> dict[str, Any]:
+        """The row accumulator alone: ours ``(n_1, 1, ..., 1)`` or torch-SM3's sparse ``(n_1,)``."""
+        acc = saved[f"{ACCUMULATOR}0"]
+        extra = sorted(k for k in saved if k != f"{ACCUMULATOR}0")
+        if extra or buffer is not None or not isinstance(acc, torch.Tensor) or acc.numel() != p.shape[0]:
+            raise ValueError(
+                f"{name} (shape {tuple(p.shape)}): a loaded state with only {ACCUMULATOR}0 is the row "
+                f"cover of sparse gradients and needs {p.shape[0]} numbers and no other entries; got "
+                f"{_describe_value(acc)}" + (f" and {extra}" if extra else "")
+                + (" and a momentum buffer" if buffer is not None else "")
+            )
+        keepdim = (p.shape[0],) + (1,) * (p.dim() - 1)
+        dtype = _checks.statistics_dtype(p.dtype, self.accumulator_dtype)
+        return {f"{ACCUMULATOR}0": acc.reshape(keepdim).to(device=p.device, dtype=dtype).clone()}

@@ -106,7 +106,10 @@ def scale_by_sm3(
     def update(updates: Tree, state: OptState, params: Optional[Tree] = None):
         accs_by_path = accumulators_by_param(state)
         # before any gradient is read: torch.compile rejects a sparse one on sight
-        _sparse.check_not_compiling([p for p in accs_by_path if declared_sparse(p)], "scale_by_sm3")
+        _sparse.check_not_compiling(
+            [f"parameter {_tree.fmt(p)}" for p in accs_by_path if declared_sparse(p)],
+            "scale_by_sm3", "; or leave it out of sparse= and give it dense gradients",
+        )
         grads = _tree.flatten(updates, "grads")
         _tree.check_same_keys(grads, accs_by_path, "scale_by_sm3")
         for path, g in grads.items():

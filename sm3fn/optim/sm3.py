@@ -173,11 +173,10 @@ class SM3(FunctionalOptimizer):
                         f"{self._describe_param(group, p, index[id(p)])} has a {g.layout} gradient; "
                         "sm3fn.optim.SM3 takes dense (torch.strided) or torch.sparse_coo gradients"
                     )
-                if _sparse.is_sparse(g) and (g.shape != p.shape or g.sparse_dim() == 0):
+                if _sparse.is_sparse(g) and g.sparse_dim() == 0:
                     raise ValueError(
-                        f"{self._describe_param(group, p, index[id(p)])} has a sparse gradient of shape "
-                        f"{tuple(g.shape)} with {g.sparse_dim()} sparse dims; expected the parameter's "
-                        "shape and at least one sparse dim"
+                        f"{self._describe_param(group, p, index[id(p)])} has a sparse gradient with "
+                        "no sparse dimension; pass it dense"
                     )
                 if not p.is_floating_point() or not g.is_floating_point():
                     raise TypeError(

@@ -20,6 +20,7 @@ buffer (see :mod:`sm3fn._sparse`).
 
 from __future__ import annotations
 
+import functools
 import numbers
 from typing import Any, Callable, Mapping, Optional
 
@@ -37,6 +38,11 @@ ACCUMULATOR = "accumulator_"
 
 # where each entry of sm3fn.sm3's state lives (see sm3fn.alias.sm3)
 _SM3_STAGE, _MOMENTUM_STAGE = "sm3", "momentum"
+
+
+def _transform(lr, momentum, beta, eps, *, accumulator_dtype, momentum_dtype):
+    """A group's ``sm3fn.sm3`` (module level, so that the optimizer pickles)."""
+    return sm3_tx(lr, momentum, beta, eps, accumulator_dtype=accumulator_dtype, momentum_dtype=momentum_dtype)
 
 
 def _row_cover(state: Mapping[str, Any], p: torch.Tensor) -> bool:
@@ -110,13 +116,12 @@ class SM3(FunctionalOptimizer):
         self.momentum_dtype = momentum_dtype
         self._check_group({"lr": lr, "momentum": momentum, "beta": beta, "eps": eps})
 
-        def tx(lr, momentum, beta, eps):
-            return sm3_tx(lr, momentum, beta, eps, accumulator_dtype=accumulator_dtype,
-                          momentum_dtype=momentum_dtype)
-
+        tx = functools.partial(_transform, accumulator_dtype=accumulator_dtype, momentum_dtype=momentum_dtype)
         super().__init__(params, tx, lr=lr, momentum=momentum, beta=beta, eps=eps)
 
     # -- torch-SM3's names for sm3fn.sm3's state ------------------------------------------
+
+    _PICKLED = FunctionalOptimizer._PICKLED + ("accumulator_dtype", "momentum_dtype")
 
     def _check_group(self, group: Mapping[str, Any]) -> None:
         # torch-SM3's checks, plus: real numbers only (the fast path takes floats)
@@ -144,8 +149,41 @@ class SM3(FunctionalOptimizer):
 
     def _describe_param(self, group: Mapping[str, Any], p: torch.Tensor, index: int) -> str:
         names = group.get("param_names")
-        name = f" ({names[group['params'].index(p)]!r})" if names else ""
+        position = next(i for i, q in enumerate(group["params"]) if q is p)  # not list.index: tensor ==
+        name = f" ({names[position]!r})" if names else ""
         return f"parameter {index}{name} of shape {tuple(p.shape)}"
+
+    # Sparse gradients (nn.Embedding(sparse=True)): the check runs with the dense
+    # checks, before anything changes; the step runs after the dense step.
+
+    def _check_sparse(self, group: Mapping[str, Any], params: list, index: Mapping[int, int]) -> None:
+        """Checks the parameters of ``group`` whose gradient is sparse; raises to refuse them."""
+        for p in params:
+            g = p.grad
+            if g.layout != torch.sparse_coo:
+                raise TypeError(
+                    f"{self._describe_param(group, p, index[id(p)])} has a {g.layout} gradient; "
+                    "sm3fn.optim.SM3 takes dense (torch.strided) or torch.sparse_coo gradients"
+                )
+            if g.sparse_dim() == 0:
+                raise ValueError(
+                    f"{self._describe_param(group, p, index[id(p)])} has a sparse gradient with "
+                    "no sparse dimension; pass it dense"
+                )
+
+    def _sparse_step_(self, group: Mapping[str, Any], params: list, index: Mapping[int, int]) -> None:
+        """One SM3 step, in place, on the parameters of ``group`` whose gradient is sparse:
+        the touched rows only, no momentum.  A first sparse gradient makes the row accumulator
+        only (``n_1`` numbers); an existing state uses its ``accumulator_0``."""
+        for p in params:
+            state = self.state[p]
+            if f"{ACCUMULATOR}0" not in state:
+                dtype = _checks.statistics_dtype(p.dtype, self.accumulator_dtype)
+                state[f"{ACCUMULATOR}0"] = _sparse.row_accumulator(p.detach(), dtype)
+            state.setdefault(STEP, torch.zeros((), dtype=torch.int64))
+            _sparse.sparse_apply_(p, p.grad, state[f"{ACCUMULATOR}0"],
+                                  lr=group["lr"], beta=group["beta"], eps=group["eps"])
+            state[STEP] += 1
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None):
@@ -161,63 +199,47 @@ class SM3(FunctionalOptimizer):
              for g in self.param_groups for p in g["params"] if _row_cover(self.state.get(p, {}), p)],
             "sm3fn.optim.SM3",
         )
-        work = []
+        work = []  # (group, params with a dense gradient, params with a sparse one)
         # 1. check everything, so that a bad group or gradient changes nothing
         for group in self.param_groups:
             self._check_group(group)
-            params = [p for p in group["params"] if p.grad is not None]  # .grad None: frozen, skipped
-            for p in params:
+            dense, sparse = [], []
+            for p in group["params"]:
                 g = p.grad
-                if g.layout not in (torch.strided, torch.sparse_coo):
-                    raise TypeError(
-                        f"{self._describe_param(group, p, index[id(p)])} has a {g.layout} gradient; "
-                        "sm3fn.optim.SM3 takes dense (torch.strided) or torch.sparse_coo gradients"
-                    )
-                if _sparse.is_sparse(g) and g.sparse_dim() == 0:
-                    raise ValueError(
-                        f"{self._describe_param(group, p, index[id(p)])} has a sparse gradient with "
-                        "no sparse dimension; pass it dense"
-                    )
+                if g is None or p.numel() == 0:  # frozen, or nothing to update: skipped
+                    continue
                 if not p.is_floating_point() or not g.is_floating_point():
                     raise TypeError(
                         f"{self._describe_param(group, p, index[id(p)])} has dtype {p.dtype} and gradient "
                         f"dtype {g.dtype}; SM3 optimizes real floating-point tensors only"
                     )
-            if params:
-                work.append((group, params))
-        # 2. state for new parameters (and a momentum buffer once momentum > 0), from tx.init;
-        # a first gradient that is sparse makes the row accumulator only
-        for group, params in work:
-            for p in params:
-                if f"{ACCUMULATOR}0" not in self.state.get(p, {}) and _sparse.is_sparse(p.grad):
-                    dtype = _checks.statistics_dtype(p.dtype, self.accumulator_dtype)
-                    self.state[p][f"{ACCUMULATOR}0"] = _sparse.row_accumulator(p.detach(), dtype)
-                    self.state[p].setdefault(STEP, torch.zeros((), dtype=torch.int64))
+                (dense if g.layout == torch.strided else sparse).append(p)
+            if sparse:
+                self._check_sparse(group, sparse, index)
+            if dense or sparse:
+                work.append((group, dense, sparse))
+        # 2. state for new parameters (and a momentum buffer once momentum > 0), from tx.init
+        for group, params, _ in work:
             with_momentum = group["momentum"] > 0
             needs = {
                 param_key(index[id(p)]): p
                 for p in params
-                if not _row_cover(self.state.get(p, {}), p)
+                if not _row_cover(self.state.get(p, {}), p)  # the row cover stays as it is
                 and (f"{ACCUMULATOR}0" not in self.state.get(p, {})
                      or (with_momentum and not isinstance(self.state[p].get(MOMENTUM_BUFFER), torch.Tensor)))
             }
+            if not needs:
+                continue
             fresh = self._fresh_state(self._transform(group), {k: p.detach() for k, p in needs.items()})
             for key, p in needs.items():
                 state = self.state[p]
                 for name, value in fresh[key].items():
                     if not isinstance(state.get(name), torch.Tensor):
                         state[name] = value
-                if STEP not in state:
-                    state[STEP] = torch.zeros((), dtype=torch.int64)
-        # 3. the in-place step: sparse gradients on their touched rows, the rest on the fast path
-        for group, params in work:
+                state.setdefault(STEP, torch.zeros((), dtype=torch.int64))
+        # 3. the in-place step
+        for group, params, sparse in work:
             momentum = group["momentum"]
-            for p in params:
-                if _sparse.is_sparse(p.grad):
-                    _sparse.sparse_apply_(p, p.grad, self.state[p][f"{ACCUMULATOR}0"],
-                                          lr=group["lr"], beta=group["beta"], eps=group["eps"])
-                    self.state[p][STEP] += 1
-            params = [p for p in params if not _sparse.is_sparse(p.grad)]
             states = [self.state[p] for p in params]
             sm3_apply_(
                 params,
@@ -232,6 +254,8 @@ class SM3(FunctionalOptimizer):
             )
             for s in states:
                 s[STEP] += 1
+            if sparse:
+                self._sparse_step_(group, sparse, index)
         return loss
 
     # -- checkpoints -------------------------------------------------------------------
@@ -269,8 +293,9 @@ class SM3(FunctionalOptimizer):
             )
         else:
             buffer = None
-        if p.dim() >= 2 and [k for k in saved if k.startswith(ACCUMULATOR)] == [f"{ACCUMULATOR}0"]:
-            out = self._load_row_cover(name, p, saved, buffer)  # state made by sparse gradients
+        row_cover = [k for k in saved if k.startswith(ACCUMULATOR)] == [f"{ACCUMULATOR}0"]
+        if p.dim() >= 2 and row_cover and buffer is None:  # state made by sparse gradients
+            out = self._load_row_cover(name, p, saved)
         else:
             # the accumulators, checked against tx.init's (momentum left out: handled above)
             out = super()._load_param_state(name, p, {**group, "momentum": 0.0}, saved)
@@ -279,18 +304,15 @@ class SM3(FunctionalOptimizer):
             out[MOMENTUM_BUFFER] = buffer
         return out
 
-    def _load_row_cover(
-        self, name: str, p: torch.Tensor, saved: Mapping[str, Any], buffer: Optional[torch.Tensor]
-    ) -> dict[str, Any]:
+    def _load_row_cover(self, name: str, p: torch.Tensor, saved: Mapping[str, Any]) -> dict[str, Any]:
         """The row accumulator alone: ours ``(n_1, 1, ..., 1)`` or torch-SM3's sparse ``(n_1,)``."""
         acc = saved[f"{ACCUMULATOR}0"]
         extra = sorted(k for k in saved if k != f"{ACCUMULATOR}0")
-        if extra or buffer is not None or not isinstance(acc, torch.Tensor) or acc.numel() != p.shape[0]:
+        if extra or not isinstance(acc, torch.Tensor) or acc.numel() != p.shape[0]:
             raise ValueError(
                 f"{name} (shape {tuple(p.shape)}): a loaded state with only {ACCUMULATOR}0 is the row "
                 f"cover of sparse gradients and needs {p.shape[0]} numbers and no other entries; got "
                 f"{_describe_value(acc)}" + (f" and {extra}" if extra else "")
-                + (" and a momentum buffer" if buffer is not None else "")
             )
         keepdim = (p.shape[0],) + (1,) * (p.dim() - 1)
         dtype = _checks.statistics_dtype(p.dtype, self.accumulator_dtype)

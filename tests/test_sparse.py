@@ -270,3 +270,18 @@ def test_compile_names_the_sparse_parameter_and_falls_back_without_fullgraph():
     want, want_state = step({"emb.weight": g}, state, params)
     assert torch.equal(got["emb.weight"], want["emb.weight"]) and (got_state == want_state).all()
     torch._dynamo.reset()
+
+
+def test_trace_passes_sparse_updates_and_keeps_no_buffer_for_declared():
+    u = torch.sparse_coo_tensor(torch.tensor([[2, 0, 2]]), torch.randn(3, 4), (5, 4), check_invariants=True)
+    dense = torch.randn(3, 4)
+    tx = sm3fn.trace(0.9, sparse=lambda name: name.startswith("emb"))
+    params = {"emb": torch.zeros(5, 4), "other": torch.zeros(5, 4), "dense": torch.zeros(3, 4)}
+    state = tx.init(params)
+    assert sorted(state.keys()) == ["dense", "other"]
+    _, state = tx.update({"emb": dense.new_zeros(5, 4), "other": dense.new_zeros(5, 4), "dense": dense}, state)
+    buf = state["other"].clone()
+    out, new_state = tx.update({"emb": u, "other": u, "dense": dense}, state)
+    assert out["emb"] is u and out["other"] is u  # no momentum on sparse updates
+    assert torch.equal(new_state["other"], buf)
+    torch.testing.assert_close(out["dense"], 0.9 * dense + dense)  # heavy ball, second step

@@ -163,3 +163,22 @@ def test_compiled_step_names_a_sparse_parameter():
     with pytest.raises(Exception, match=r"'emb.weight'.* takes sparse gradients"):
         torch.compile(opt.step, fullgraph=True)()
     torch._dynamo.reset()
+
+
+def test_bfloat16_embedding_keeps_float32_row_accumulator():
+    rng = np.random.default_rng(12)
+    emb = torch.nn.Embedding(N, D, sparse=True).to(torch.bfloat16)
+    ref = ReferenceRowSM3(emb.weight.detach().double().numpy(), lr=0.01)
+    opt = SM3(emb.parameters(), lr=0.01)
+    for _ in range(5):
+        args, _, c, entries = make_batch(emb, rng, torch.bfloat16)
+        emb.zero_grad()
+        (emb(*args) * c).sum().backward()
+        # the reference sees the gradient bf16 autograd made (its rows, summed in float64)
+        g = emb.weight.grad.coalesce()
+        ref.step(*dense_from_entries((N, D), g.indices()[0].tolist(), g.values().double().numpy()))
+        opt.step()
+    acc = opt.state[emb.weight]["accumulator_0"]
+    assert acc.dtype == torch.float32 and emb.weight.dtype == torch.bfloat16
+    np.testing.assert_allclose(acc.reshape(-1).double().numpy(), ref.acc, rtol=1e-2)
+    np.testing.assert_allclose(emb.weight.double().detach().numpy(), ref.p, rtol=2e-2, atol=2e-3)

@@ -25,7 +25,8 @@ every row on every step.
 
 from __future__ import annotations
 
-from typing import Callable, Collection, Optional, Union
+from collections.abc import Collection
+from typing import Callable, Union
 
 import torch
 
@@ -53,10 +54,10 @@ def check_spec(sparse: SparseSpec) -> Callable[[_tree.Path], bool]:
             "sparse must be None, a collection of parameter names (e.g. {'emb.weight'}) "
             f"or a callable name -> bool, got {sparse!r}"
         )
-    names = set(sparse)
-    for name in names:
+    for name in sparse:
         if not isinstance(name, str):
             raise TypeError(f"sparse names must be strings, got {name!r} of type {type(name).__name__}")
+    names = set(sparse)
     return lambda path: ".".join(path) in names
 
 

@@ -230,3 +230,28 @@ def test_named_chain_state_is_addressable_and_saves():
     buf.seek(0)
     loaded = torch.load(buf, weights_only=True)
     assert (loaded == state1).all()
+
+
+def test_sparse_updates_clip_decay_and_average_like_their_dense_copies():
+    """An uncoalesced sparse COO update (nn.Embedding(sparse=True)) gives the dense numbers."""
+    torch.manual_seed(8)
+    emb = torch.nn.Embedding(12, 3, sparse=True)
+    (emb(torch.tensor([1, 4, 4, 9])) ** 2).sum().backward()
+    sparse = emb.weight.grad
+    assert not sparse.is_coalesced()
+    params = {"e": emb.weight.detach().clone(), "w": torch.randn(3, 2)}
+    dense_g = {"e": sparse.to_dense(), "w": torch.randn(3, 2)}
+    sparse_g = {"e": sparse, "w": dense_g["w"]}
+    for tx in (
+        sm3fn.clip_by_global_norm(0.7),
+        sm3fn.add_decayed_weights(0.3),
+        sm3fn.chain(sm3fn.scale(-0.1), sm3fn.parameter_averaging(decay=0.5)),
+    ):
+        state = tx.init(params)
+        out_dense, s_dense = tx.update(dense_g, state, params)
+        out_sparse, s_sparse = tx.update(sparse_g, state, params)
+        for k in params:
+            torch.testing.assert_close(out_sparse[k].to_dense(), out_dense[k])
+        assert (s_sparse == s_dense).all()
+    clipped, _ = sm3fn.clip_by_global_norm(0.7).update(sparse_g, TensorDict({}))
+    assert clipped["e"].layout == torch.sparse_coo  # clipping keeps it sparse

@@ -15,6 +15,7 @@ def global_norm(tree: Tree) -> torch.Tensor:
 
     ``None`` leaves (frozen parameters) count as zero.  Low-precision leaves
     are summed in float32 so that the square does not overflow float16.
+    A sparse COO leaf counts with its coalesced values (repeated indices summed).
 
     Example::
 
@@ -24,8 +25,12 @@ def global_norm(tree: Tree) -> torch.Tensor:
     if not leaves:
         return torch.zeros(())
     dtype = torch.promote_types(torch.float32, leaves[0].dtype)
-    norms = [torch.linalg.vector_norm(u, dtype=torch.promote_types(dtype, u.dtype)) for u in leaves]
+    norms = [torch.linalg.vector_norm(_values(u), dtype=torch.promote_types(dtype, u.dtype)) for u in leaves]
     return torch.linalg.vector_norm(torch.stack([n.to(dtype) for n in norms]))
+
+
+def _values(u: torch.Tensor) -> torch.Tensor:
+    return u.coalesce().values() if u.layout == torch.sparse_coo else u
 
 
 def clip_by_global_norm(max_norm: float | torch.Tensor) -> GradientTransformation:
@@ -36,7 +41,8 @@ def clip_by_global_norm(max_norm: float | torch.Tensor) -> GradientTransformatio
     Updates whose norm is already at most ``max_norm`` pass unchanged (the
     factor is exactly 1), and a zero update stays zero (no division by 0).
     The factor is a tensor, so there is no data-dependent branch and the
-    transform traces under ``torch.compile(fullgraph=True)``.  Keeps no state.
+    transform traces under ``torch.compile(fullgraph=True)``.  Sparse COO
+    updates stay sparse.  Keeps no state.
 
     Args:
       max_norm: ``> 0``; a float or a tensor.

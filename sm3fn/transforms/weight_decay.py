@@ -23,7 +23,9 @@ def add_decayed_weights(
     "Decoupled Weight Decay Regularization", ICLR 2019, arXiv:1711.05101):
     the step is ``-lr * (sm3(g) + wd * p)``, so every weight shrinks by the
     same fraction ``lr * wd`` whatever its gradient history.  Needs
-    ``params`` in ``update``.  Keeps no state.
+    ``params`` in ``update``.  Keeps no state.  A sparse update of a decayed
+    parameter becomes dense (every row decays); mask sparse embeddings out to
+    keep their updates sparse.
 
     Args:
       weight_decay: ``>= 0``; a float or a tensor (which may require grad).
@@ -62,7 +64,8 @@ def add_decayed_weights(
                     f"but updates[{_tree.fmt(path)}] has shape {tuple(u.shape)}"
                 )
         out = {
-            path: u if u is None or not keep[path] else u + weight_decay * param_leaves[path].to(u.dtype)
+            # p-term first: dense + sparse is defined (a sparse update becomes dense), sparse + dense is not
+            path: u if u is None or not keep[path] else weight_decay * param_leaves[path].to(u.dtype) + u
             for path, u in leaves.items()
         }
         return _tree.unflatten_like(updates, out), state

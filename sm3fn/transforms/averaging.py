@@ -116,7 +116,7 @@ def parameter_averaging(
         for path, avg in averages.items():
             p, u = param_leaves[path], incoming.get(path)
             current = p.to(avg.dtype) if u is None else (p + u.to(p.dtype)).to(avg.dtype)
-            new_averages[path] = avg + weight(avg.dtype) * (current - avg)
+            new_averages[path] = avg + weight(avg.dtype).to(avg.device) * (current - avg)
         new_state = TensorDict({COUNT: count, AVERAGE: _tree.state_tree(new_averages)}, batch_size=[])
         return updates, new_state
 

@@ -26,7 +26,8 @@ def global_norm(tree: Tree) -> torch.Tensor:
         return torch.zeros(())
     dtype = torch.promote_types(torch.float32, leaves[0].dtype)
     norms = [torch.linalg.vector_norm(_values(u), dtype=torch.promote_types(dtype, u.dtype)) for u in leaves]
-    return torch.linalg.vector_norm(torch.stack([n.to(dtype) for n in norms]))
+    device = leaves[0].device  # leaves may sit on several devices (model parallel)
+    return torch.linalg.vector_norm(torch.stack([n.to(device=device, dtype=dtype) for n in norms]))
 
 
 def _values(u: torch.Tensor) -> torch.Tensor:
@@ -66,7 +67,7 @@ def clip_by_global_norm(max_norm: float | torch.Tensor) -> GradientTransformatio
                 _checks.check_floating("updates", path, u)
         norm = global_norm(updates)
         factor = max_norm / torch.clamp(norm, min=max_norm)
-        out = {p: None if u is None else u * factor.to(u.dtype) for p, u in leaves.items()}
+        out = {p: None if u is None else u * factor.to(device=u.device, dtype=u.dtype) for p, u in leaves.items()}
         return _tree.unflatten_like(updates, out), state
 
     return GradientTransformation(init, update)

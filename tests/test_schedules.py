@@ -6,6 +6,7 @@ import random
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
 import sm3fn
 from reference import ReferenceSM3, random_gradient
@@ -201,3 +202,25 @@ def test_tensor_peak_value_gets_gradients():
 def test_bad_arguments_are_named(make, err, word):
     with pytest.raises(err, match=word.replace("[", r"\[").replace("]", r"\]")):
         make()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    total=st.integers(1, 5000),
+    warm=st.floats(0.0, 1.0),
+    cool=st.floats(0.0, 1.0),
+    power=st.sampled_from([1.0, 2.0, 3.0]),
+    peak=st.floats(1e-4, 10.0),
+    frac_t=st.floats(0.0, 1.5),
+)
+def test_recipe_property(total, warm, cool, power, peak, frac_t):
+    """Int and tensor paths agree with the reference, and the value stays in [0, peak]."""
+    lr = schedules.recipe(peak, total, warmup_fraction=warm, power=power, cooldown_fraction=cool)
+    w, c = round(warm * total), round(cool * total)
+    t = int(frac_t * total)
+    up = 1.0 if w == 0 else min(1.0, t / w) ** power
+    down = 1.0 if c == 0 else max(0.0, min(1.0, (total - t) / c))
+    want = peak * min(up, down)
+    assert math.isclose(lr(t), want, rel_tol=1e-12, abs_tol=1e-15)
+    assert math.isclose(lr(torch.tensor(t)).item(), want, rel_tol=1e-5, abs_tol=1e-6 * peak)
+    assert 0.0 <= lr(t) <= peak * (1 + 1e-12)

@@ -255,3 +255,36 @@ def test_sparse_updates_clip_decay_and_average_like_their_dense_copies():
         assert (s_sparse == s_dense).all()
     clipped, _ = sm3fn.clip_by_global_norm(0.7).update(sparse_g, TensorDict({}))
     assert clipped["e"].layout == torch.sparse_coo  # clipping keeps it sparse
+
+
+def test_toolbox_chain_in_functional_optimizer_matches_functional_loop():
+    """The whole toolbox runs as a torch.optim optimizer; its average is in the per-parameter state."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
+
+    def make():
+        return sm3fn.named_chain(
+            ("clip", sm3fn.clip_by_global_norm(0.5)),
+            ("sm3", sm3fn.scale_by_sm3()),
+            ("decay", sm3fn.add_decayed_weights(0.1, mask=lambda path, p: p.ndim > 1)),
+            ("learning_rate", sm3fn.scale_by_learning_rate(sm3fn.schedules.recipe(0.1, 10))),
+            ("average", sm3fn.parameter_averaging(decay=0.5)),
+        )
+
+    opt = sm3fn.optim.FunctionalOptimizer(model.parameters(), make())
+    # the optimizer keys a group's parameters param_<i>; the functional loop does the same
+    params = {f"param_{i}": p.detach().clone() for i, p in enumerate(model.parameters())}
+    tx = make()
+    state = tx.init(params)
+    x, y = torch.randn(8, 4), torch.randn(8, 2)
+    for _ in range(5):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        grads = {f"param_{i}": p.grad.clone() for i, p in enumerate(model.parameters())}
+        opt.step()
+        updates, state = tx.update(grads, state, params)
+        params = sm3fn.apply_updates(params, updates)
+    averaged = sm3fn.averaged_params(state, like=params)
+    for i, p in enumerate(model.parameters()):
+        torch.testing.assert_close(p.detach(), params[f"param_{i}"])
+        torch.testing.assert_close(opt.state[p]["average.averaged_params.*"], averaged[f"param_{i}"])

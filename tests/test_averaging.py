@@ -132,22 +132,30 @@ def test_errors_name_the_problem_and_change_nothing():
 
 
 def test_vmap_over_tasks():
-    """A batch of tasks, each with its own params, schedule count and average (EMA decay batched too)."""
+    """A batch of tasks, each with its own params, schedule count and average (EMA decay batched too),
+    through clipping, masking and weight decay."""
     torch.manual_seed(0)
     tasks = 4
-    params = {"w": torch.randn(tasks, 3, 2)}
+    params = {"w": torch.randn(tasks, 3, 2), "b": torch.randn(tasks, 2)}
     decay = torch.rand(tasks, dtype=torch.float64) * 0.9
-    grads = [{"w": torch.randn(tasks, 3, 2)} for _ in range(3)]
+    grads = [{"w": torch.randn(tasks, 3, 2) * 2, "b": torch.randn(tasks, 2)} for _ in range(3)]
 
     def run(p, d, gs):
-        tx = sm3fn.chain(sm3fn.sm3(sm3fn.schedules.recipe(0.1, 40, warmup_fraction=0.1)), sm3fn.parameter_averaging(decay=d))
+        tx = sm3fn.chain(
+            sm3fn.clip_by_global_norm(2.0),
+            sm3fn.masked(sm3fn.scale_by_sm3(), lambda path, p: p.ndim > 1),
+            sm3fn.add_decayed_weights(0.1),
+            sm3fn.scale_by_learning_rate(sm3fn.schedules.recipe(0.1, 40, warmup_fraction=0.1)),
+            sm3fn.parameter_averaging(decay=d),
+        )
         s = tx.init(p)
         for g in gs:
             u, s = tx.update(g, s, p)
             p = sm3fn.apply_updates(p, u)
-        return sm3fn.averaged_params(s, like=p)["w"]
+        avg = sm3fn.averaged_params(s, like=p)
+        return torch.cat([avg["w"].reshape(-1), avg["b"]])
 
     got = torch.func.vmap(run, in_dims=(0, 0, 0))(params, decay, grads)
     for i in range(tasks):
-        want = run({"w": params["w"][i]}, decay[i].item(), [{"w": g["w"][i]} for g in grads])
+        want = run({k: v[i] for k, v in params.items()}, decay[i].item(), [{k: v[i] for k, v in g.items()} for g in grads])
         torch.testing.assert_close(got[i], want)

@@ -6,6 +6,7 @@
     params = sm3fn.apply_updates(params, updates)
 """
 
+from sm3fn import func
 from sm3fn.alias import sm3
 from sm3fn.base import (
     GradientTransformation,
@@ -16,6 +17,8 @@ from sm3fn.base import (
     apply_updates,
     identity,
 )
+from sm3fn.func import stop_gradient
+from sm3fn.inject import inject_hyperparams
 from sm3fn.transforms import (
     chain,
     ema,
@@ -38,12 +41,15 @@ __all__ = [
     "apply_updates",
     "chain",
     "ema",
+    "func",
     "identity",
+    "inject_hyperparams",
     "named_chain",
     "scale",
     "scale_by_learning_rate",
     "scale_by_schedule",
     "scale_by_sm3",
     "sm3",
+    "stop_gradient",
     "trace",
 ]

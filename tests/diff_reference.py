@@ -12,6 +12,10 @@ from __future__ import annotations
 import torch
 
 
+def _value(x) -> float:
+    return float(x.detach()) if isinstance(x, torch.Tensor) else float(x)
+
+
 def init(params: dict) -> dict:
     state = {}
     for k, p in params.items():
@@ -36,7 +40,7 @@ def step(params: dict, grads: dict, state: dict, lr, momentum=0.0, beta=0.0, eps
             rows = acc[0].unsqueeze(1).expand(g.shape)
             cols = acc[1].unsqueeze(0).expand(g.shape)
             prev = torch.stack([rows, cols]).min(dim=0).values
-        if isinstance(beta, torch.Tensor) or beta != 0:
+        if _value(beta) != 0:  # the paper: beta == 0 is the plain sum, also as a tensor
             nu = beta * prev + (1 - beta) * g * g
         else:
             nu = prev + g * g
@@ -45,7 +49,7 @@ def step(params: dict, grads: dict, state: dict, lr, momentum=0.0, beta=0.0, eps
             new_acc = [nu]
         else:
             new_acc = [nu.max(dim=1).values, nu.max(dim=0).values]
-        if isinstance(momentum, torch.Tensor) or momentum != 0:
+        if _value(momentum) != 0:
             m = momentum * m + (1 - momentum) * u
             direction = m
         else:

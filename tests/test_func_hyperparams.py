@@ -142,3 +142,21 @@ def test_inject_hyperparams_bad_arguments():
     with pytest.raises(ValueError, match="hyperparams"):
         tx.update({"w": torch.randn(3, 2)}, bad)
     assert (state == before).all()
+
+
+def test_tensor_learning_rate_changed_in_place_applies():
+    """sm3(learning_rate=lr_tensor) reads the tensor at every update, as torch.optim does."""
+    gen = torch.Generator().manual_seed(15)
+    p0 = mlp_params(gen)
+    x, y = task_data(gen)
+    lr = torch.tensor(0.05, dtype=F64)
+    tx = sm3fn.sm3(learning_rate=lr)
+    p, state = p0, tx.init(p0)
+    q, s = p0, ref.init(p0)
+    for value in (0.05, 0.2, 0.0, 0.01):
+        lr.fill_(value)
+        updates, state = tx.update(grad(mlp_loss)(p, x, y), state, p)
+        p = sm3fn.apply_updates(p, updates)
+        q, s = ref.step(q, grad(mlp_loss)(q, x, y), s, lr=value)
+    for k in p:
+        torch.testing.assert_close(p[k], q[k], rtol=1e-12, atol=1e-14)

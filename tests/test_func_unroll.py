@@ -67,7 +67,7 @@ def truncated_unroll(steps, window, cut_params=True, cut_state=True, record_tens
 
 
 def test_truncated_backprop_graph_and_tensors_stay_bounded_over_1000_steps():
-    sizes, tensors, g = truncated_unroll(1000, window=10, record_tensors_at=(100, 500, 1000))
+    sizes, tensors, g = truncated_unroll(1000, window=10, record_tensors_at=(200, 1000))
     assert len(sizes) == 100
     assert max(sizes) == min(sizes), "every window's graph has the same size"
     assert max(tensors.values()) - min(tensors.values()) <= 5, tensors

@@ -121,6 +121,14 @@ def inject_hyperparams(
                     f"state['hyperparams'] has keys {sorted(stored.keys())}, expected {sorted(expected)}"
                 )
             hyperparams = {n: stored.get(n) for n in numeric}
+            for n, v in hyperparams.items():
+                # under vmap a swept value looks 0-d; outside, a batch of values
+                # would silently broadcast against every update
+                if v.dim() != 0:
+                    raise ValueError(
+                        f"state['hyperparams', {n!r}] must be a 0-d tensor, got shape {tuple(v.shape)}; "
+                        "to sweep values, give the whole state a batch dimension and vmap over it"
+                    )
             for n, s in schedules.items():
                 old = stored.get(n)
                 hyperparams[n] = _as_tensor(_call_schedule(s, count), old.dtype, old.device)

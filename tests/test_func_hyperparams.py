@@ -141,7 +141,24 @@ def test_inject_hyperparams_bad_arguments():
     before = state.clone()
     with pytest.raises(ValueError, match="hyperparams"):
         tx.update({"w": torch.randn(3, 2)}, bad)
+    swept_without_vmap = state.clone()
+    swept_without_vmap["hyperparams", "learning_rate"] = torch.tensor([0.1, 0.2])
+    with pytest.raises(ValueError, match="must be a 0-d tensor"):
+        tx.update({"w": torch.randn(3, 2)}, swept_without_vmap)
     assert (state == before).all()
+
+
+def test_injected_state_saves_and_loads(tmp_path):
+    tx = sm3fn.inject_hyperparams(sm3fn.sm3)(learning_rate=0.1, momentum=0.9)
+    params = {"w": torch.randn(4, 3)}
+    _, state = tx.update({"w": torch.randn(4, 3)}, tx.init(params), params)
+    torch.save(state, tmp_path / "state.pt")
+    loaded = torch.load(tmp_path / "state.pt", weights_only=True)
+    assert (loaded == state).all() and loaded["count"] == 1
+    g = {"w": torch.randn(4, 3)}
+    a, _ = tx.update(g, state, params)
+    b, _ = tx.update(g, loaded, params)
+    assert torch.equal(a["w"], b["w"])
 
 
 def test_tensor_learning_rate_changed_in_place_applies():

@@ -202,7 +202,8 @@ def sparse_use_loss(p, idx, y):
     return ((out - y) ** 2).mean()
 
 
-def test_meta_gradient_finite_with_exactly_zero_gradients_float32():
+@pytest.mark.parametrize("beta", [0.0, 0.9])
+def test_meta_gradient_finite_with_exactly_zero_gradients_float32(beta):
     """Dead ReLUs, a weight-zero parameter and unused embedding rows give exact zeros in
     the inner gradients; with eps = 1e-30 in float32 the naive rsqrt form's meta-gradient
     is NaN, sm3fn's is finite and matches the float64 reference."""
@@ -212,7 +213,7 @@ def test_meta_gradient_finite_with_exactly_zero_gradients_float32():
     k, lr = 3, 0.05
 
     def outer_ours(p):
-        tx = sm3fn.sm3(learning_rate=lr, momentum=0.5)  # eps defaults to 1e-30
+        tx = sm3fn.sm3(learning_rate=lr, momentum=0.5, beta=beta)  # eps defaults to 1e-30
         state = tx.init(p)
         for _ in range(k):
             updates, state = tx.update(grad(sparse_use_loss)(p, idx, y), state, p)
@@ -224,7 +225,7 @@ def test_meta_gradient_finite_with_exactly_zero_gradients_float32():
         p, s = dict(leaves), ref.init(leaves)
         for _ in range(k):
             gs = torch.autograd.grad(sparse_use_loss(p, idx, y.to(dtype)), list(p.values()), create_graph=True)
-            p, s = ref.step(p, dict(zip(p, gs)), s, lr=lr, momentum=0.5)
+            p, s = ref.step(p, dict(zip(p, gs)), s, lr=lr, momentum=0.5, beta=beta)
         loss = sparse_use_loss(p, idx, y.to(dtype)) + (p["emb"] ** 2).sum() + (p["w2"] ** 2).sum()
         return dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
 

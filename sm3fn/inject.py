@@ -43,7 +43,9 @@ def inject_hyperparams(
     * a real number or a floating-point tensor: stored as a 0-d tensor (a
       tensor is stored as given, so one that requires grad keeps its graph);
     * a callable (a schedule ``step -> value``): called with the state's
-      ``count`` every update; its current value is stored for inspection;
+      ``count`` every update; its current value is stored for inspection
+      (a callable that is not a schedule, e.g. ``sm3``'s ``sparse=``
+      predicate, belongs in ``static_args``);
     * names in ``static_args`` and non-numeric values (dtypes, bools, None):
       passed to ``factory`` as they are.  ``eps`` of :func:`sm3fn.sm3` must
       be static (it is a Python float in the math).

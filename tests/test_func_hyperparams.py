@@ -177,3 +177,13 @@ def test_tensor_learning_rate_changed_in_place_applies():
         q, s = ref.step(q, grad(mlp_loss)(q, x, y), s, lr=value)
     for k in p:
         torch.testing.assert_close(p[k], q[k], rtol=1e-12, atol=1e-14)
+
+
+def test_inject_hyperparams_static_callable_and_list():
+    """Non-schedule arguments pass through: sm3's sparse= as a list, or a predicate named static."""
+    params = {"emb": torch.randn(6, 3), "w": torch.randn(3, 2)}
+    for sparse, static in ((["emb"], ()), (lambda name: name == "emb", ("sparse",))):
+        tx = sm3fn.inject_hyperparams(sm3fn.sm3, static_args=static)(learning_rate=0.1, sparse=sparse)
+        state = tx.init(params)
+        assert set(state["hyperparams"].keys()) == {"learning_rate"}
+        assert set(state["inner_state", "sm3", "emb"].keys()) == {"accumulator_0"}  # rows only

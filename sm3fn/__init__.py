@@ -6,6 +6,7 @@
     params = sm3fn.apply_updates(params, updates)
 """
 
+from sm3fn import func
 from sm3fn.alias import sm3
 from sm3fn.base import (
     GradientTransformation,
@@ -17,6 +18,8 @@ from sm3fn.base import (
     identity,
 )
 from sm3fn import schedules
+from sm3fn.func import stop_gradient
+from sm3fn.inject import inject_hyperparams
 from sm3fn.transforms import (
     add_decayed_weights,
     averaged_params,
@@ -55,7 +58,9 @@ __all__ = [
     "partition",
     "schedules",
     "ema",
+    "func",
     "identity",
+    "inject_hyperparams",
     "named_chain",
     "optim",
     "scale",
@@ -63,5 +68,6 @@ __all__ = [
     "scale_by_schedule",
     "scale_by_sm3",
     "sm3",
+    "stop_gradient",
     "trace",
 ]

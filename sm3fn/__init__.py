@@ -17,6 +17,7 @@ from sm3fn.base import (
     identity,
 )
 from sm3fn.transforms import (
+    apply_if_finite,
     chain,
     ema,
     named_chain,
@@ -35,6 +36,7 @@ __all__ = [
     "Schedule",
     "ScalarOrSchedule",
     "Tree",
+    "apply_if_finite",
     "apply_updates",
     "chain",
     "ema",

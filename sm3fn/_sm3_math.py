@@ -107,8 +107,13 @@ def precondition(
     of ``u`` is finite at ``g = 0`` (``g * rsqrt(nu + eps)`` is NaN there in
     float32 with eps = 1e-30); the outer one makes a zero gradient a zero
     step even where ``eps`` underflows.  ``out`` may be ``nu`` itself.
+
+    The test is ``nu != 0`` rather than ``nu > 0`` (the same for ``nu >= 0``)
+    so that a NaN ``nu`` gives a NaN step that shows, not a silent zero
+    step that would freeze the rows and columns whose accumulators it
+    poisoned (see ``apply_if_finite``).
     """
-    positive = nu > 0
+    positive = nu != 0
     if out is None:
         den = torch.where(positive, nu, 1.0)
     else:  # where(..., out=) takes no Python scalar

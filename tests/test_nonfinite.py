@@ -198,3 +198,79 @@ def test_without_skipping_inf_makes_a_nan_entry_but_finite_statistics():
     updates, state = tx.update(g, state, params)
     assert torch.isnan(updates["w"]).sum() == 1 and torch.isnan(updates["w"][0, 3])
     assert all(torch.isfinite(a).all() for a in state.values(include_nested=True, leaves_only=True))
+
+
+# -- the torch.optim adapter -------------------------------------------------------------
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3), torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 4))
+
+
+def _batches(n, bad=()):
+    gen = torch.Generator().manual_seed(9)
+    out = []
+    for i in range(n):
+        x = torch.randn(5, 2, 6, 6, generator=gen)
+        if i in bad:
+            x[0, 0, 0, 0] = math.nan if i % 2 else math.inf
+        out.append((x, torch.randn(5, 4, generator=gen)))
+    return out
+
+
+def _train(model, opt, data):
+    for x, y in data:
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+
+
+def _opt_state(opt):
+    return {(i, k): v for i, s in opt.state_dict()["state"].items() for k, v in s.items()}
+
+
+def test_adapter_skip_nonfinite_equals_never_seeing_the_bad_steps():
+    from sm3fn.optim import SM3
+
+    bad = {0, 3, 4}  # a bad first step: no state may be created by it
+    model, clean = _model(), _model()
+    opt = SM3(model.parameters(), lr=0.05, momentum=0.9, beta=0.5, skip_nonfinite=True)
+    clean_opt = SM3(clean.parameters(), lr=0.05, momentum=0.9, beta=0.5)
+    data = _batches(8, bad)
+    for i, batch in enumerate(data):
+        before = [p.clone() for p in model.parameters()], _opt_state(opt)
+        _train(model, opt, [batch])
+        if i in bad:
+            assert all(bit_equal(p, q) for p, q in zip(model.parameters(), before[0]))
+            after = _opt_state(opt)
+            assert after.keys() == before[1].keys() and all(bit_equal(after[k], before[1][k]) for k in after)
+        else:
+            _train(clean, clean_opt, [batch])
+    assert opt.skipped_steps == len(bad) and opt.state_dict()["skipped_steps"] == len(bad)
+    assert all(bit_equal(p, q) for p, q in zip(model.parameters(), clean.parameters()))
+    ours, theirs = _opt_state(opt), _opt_state(clean_opt)
+    assert ours.keys() == theirs.keys() and all(bit_equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_adapter_without_skip_nonfinite_turns_parameters_nan():
+    """Documented: without the option an inf/NaN input reaches the parameters."""
+    from sm3fn.optim import SM3
+
+    model = _model()
+    opt = SM3(model.parameters(), lr=0.05)
+    _train(model, opt, _batches(3, bad={1}))
+    assert any(torch.isnan(p).any() for p in model.parameters())
+    assert "skipped_steps" not in opt.state_dict()
+
+
+def test_functional_optimizer_composes_with_apply_if_finite():
+    """Any chain through FunctionalOptimizer: the counter lives in the (group) state."""
+    from sm3fn.optim import FunctionalOptimizer
+
+    model = _model()
+    opt = FunctionalOptimizer(model.parameters(), lambda lr: sm3fn.apply_if_finite(sm3fn.sm3(lr)), lr=0.05)
+    _train(model, opt, _batches(4, bad={2}))
+    first = next(iter(model.parameters()))
+    assert int(opt.state[first]["skipped"]) == 1
+    assert all(torch.isfinite(p).all() for p in model.parameters())

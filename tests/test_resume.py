@@ -96,3 +96,65 @@ def test_saved_state_loads_on_a_fresh_process_layout(tmp_path):
     loaded = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert_bit_identical(loaded["state"], s)
     assert isinstance(loaded["state"], TensorDictBase)
+
+
+# -- sm3fn.optim.SM3 with an LR scheduler ------------------------------------------------
+
+ADAPTER_STEPS = 10
+
+
+def fresh_training():
+    """Model, optimizer (two groups, one with momentum) and scheduler, all new objects."""
+    from sm3fn.optim import SM3
+
+    torch.manual_seed(0)  # the same initial weights every time
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3), torch.nn.Flatten(), torch.nn.LayerNorm(48),
+                                torch.nn.Linear(48, 4))
+    opt = SM3([{"params": model[0].parameters(), "momentum": 0.9},
+               {"params": list(model[2].parameters()) + list(model[3].parameters()), "beta": 0.5}],
+              lr=0.1, skip_nonfinite=True)
+    recipe = lambda s: min(1.0, ((s + 1) / 3) ** 2, (ADAPTER_STEPS - s) / (0.3 * ADAPTER_STEPS))  # noqa: E731
+    return model, opt, torch.optim.lr_scheduler.LambdaLR(opt, recipe)
+
+
+def adapter_batches():
+    gen = torch.Generator().manual_seed(5)
+    out = []
+    for i in range(ADAPTER_STEPS):
+        x = torch.randn(6, 2, 6, 6, generator=gen) * 10.0 ** (i % 3 - 1)
+        if i == 4:
+            x[0, 0, 0, 0] = math.nan  # a skipped step
+        out.append((x, torch.randn(6, 4, generator=gen)))
+    return out
+
+
+def adapter_train(model, opt, sched, data):
+    for x, y in data:
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        sched.step()
+
+
+@pytest.mark.parametrize("stop", [0, 1, 4, 5, 9])
+def test_adapter_resume_with_scheduler_is_bit_identical(stop):
+    data = adapter_batches()
+    want_model, want_opt, want_sched = fresh_training()
+    adapter_train(want_model, want_opt, want_sched, data)
+
+    model, opt, sched = fresh_training()
+    adapter_train(model, opt, sched, data[:stop])
+    saved = roundtrip({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()})
+    del model, opt, sched
+    model, opt, sched = fresh_training()
+    model.load_state_dict(saved["model"])
+    opt.load_state_dict(saved["opt"])
+    sched.load_state_dict(saved["sched"])
+    adapter_train(model, opt, sched, data[stop:])
+
+    assert_bit_identical(dict(model.named_parameters()), dict(want_model.named_parameters()))
+    got, want = opt.state_dict(), want_opt.state_dict()
+    assert got["param_groups"] == want["param_groups"] and got["skipped_steps"] == want["skipped_steps"] == 1
+    assert got["state"].keys() == want["state"].keys()
+    for i in want["state"]:
+        assert_bit_identical(got["state"][i], want["state"][i])

@@ -89,7 +89,7 @@ def apply_if_finite(
         new_leaves = _tree.flatten(new_updates, "updates")
 
         counter = state.get(CONSECUTIVE)
-        finite = _all_finite([*grads.values(), *new_leaves.values()], counter.device)
+        finite = all_finite([*grads.values(), *new_leaves.values()], counter.device)
         consecutive = torch.where(finite, torch.zeros_like(counter), counter + 1)
         apply = finite
         if max_consecutive_errors is not None:
@@ -113,7 +113,7 @@ def apply_if_finite(
     return GradientTransformation(init, update)
 
 
-def _all_finite(tensors, device) -> torch.Tensor:
+def all_finite(tensors, device) -> torch.Tensor:
     """A 0-d bool: every entry of every tensor is finite (True when there are none)."""
     checks = [torch.isfinite(t).all() for t in tensors if t is not None]
     if not checks:

@@ -75,6 +75,49 @@ def _td_state_without(key):
 
 
 SM3 = lambda: sm3fn.sm3(0.1, momentum=0.9)  # noqa: E731
+
+
+def _stepped_optimizer(out_features=4, **kwargs):
+    from sm3fn.optim import SM3 as OptSM3
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, out_features)
+    opt = OptSM3(model.parameters(), lr=0.1, momentum=0.9, **kwargs)
+    model(torch.randn(5, 3)).square().sum().backward()
+    opt.step()
+    return model, opt
+
+
+def bad_optimizer(edit):
+    """``edit(model, opt)`` returns the bad call; the parameters, their gradients and
+    the optimizer state must come through it unchanged."""
+    def build():
+        model, opt = _stepped_optimizer(skip_nonfinite=True)
+        params = list(model.parameters())
+        return edit(model, opt), [params, [p.grad for p in params], opt.state, opt.param_groups]
+    return build
+
+
+def _set_lr_then_step(model, opt):
+    opt.param_groups[0]["lr"] = -0.5
+    return opt.step
+
+
+def _load_other_shapes(model, opt):
+    other = _stepped_optimizer(out_features=5)[1].state_dict()
+    return lambda: opt.load_state_dict(other)
+
+
+def _load_negative_skips(model, opt):
+    saved = opt.state_dict()
+    saved["skipped_steps"] = -1
+    return lambda: opt.load_state_dict(saved)
+
+
+def _optim(**kwargs):
+    from sm3fn.optim import SM3 as OptSM3
+
+    return lambda: OptSM3([torch.nn.Parameter(torch.randn(2))], **kwargs)
 momentum_tensor = torch.tensor(2.0)
 
 CASES = [
@@ -107,6 +150,11 @@ CASES = [
     Case("named_chain dotted name", factory(lambda: sm3fn.named_chain(("a.b", SM3()))), ValueError, r"'a\.b'"),
     Case("negative learning rate alone", factory(lambda: sm3fn.scale_by_learning_rate(-1.0)), ValueError,
          r"learning_rate.*-1\.0"),
+    Case("SM3 negative lr", factory(_optim(lr=-1.0)), ValueError, r"lr.*-1\.0"),
+    Case("SM3 momentum 1", factory(_optim(momentum=1.0)), ValueError, r"momentum.*1\.0"),
+    Case("SM3 skip_nonfinite not a bool", factory(_optim(skip_nonfinite="yes")), TypeError, r"skip_nonfinite.*'yes'"),
+    Case("SM3 accumulator dtype", factory(_optim(accumulator_dtype=torch.int8)), TypeError,
+         r"accumulator_dtype.*torch\.int8"),
     # trees
     Case("identity of a list", bad_init(sm3fn.identity, lambda: [torch.ones(2)]), TypeError, r"params.*list"),
     Case("params a list", bad_init(SM3, lambda: list(_params().values())), TypeError, r"params.*list"),
@@ -133,6 +181,10 @@ CASES = [
     Case("apply_updates with an unknown key", lambda: ((lambda p, u: (lambda: sm3fn.apply_updates(p, u), [p, u]))(
         _params(), {"z": torch.randn(3)})), ValueError, r"updates has key 'z'"),
     # state mismatches
+    Case("SM3 step after a bad lr in a group", bad_optimizer(_set_lr_then_step), ValueError, r"lr.*-0\.5"),
+    Case("SM3 load of other shapes", bad_optimizer(_load_other_shapes), ValueError,
+         r"parameter 0 \(shape \(4, 3\)\).*'momentum_buffer'.*\(5, 3\).*\(4, 3\)"),
+    Case("SM3 load of a negative skip count", bad_optimizer(_load_negative_skips), ValueError, r"skipped_steps.*-1"),
     Case("gradient for an unknown key", bad_update(SM3, lambda g: with_key(g, "z", torch.randn(2))), ValueError,
          r"grads has key 'z'"),
     Case("gradient missing for a key", bad_update(SM3, lambda g: {"w": g["w"]}), ValueError, r"missing key 'b'"),

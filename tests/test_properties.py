@@ -87,7 +87,8 @@ def test_sm3_bounds_adagrad(shape, dtype, own_stats, exps, seed, eps):
         u_abs = u["p"].double().abs().numpy()
         # u is rounded to the parameter dtype on the way out (subnormal spacing: tiny * eps)
         fp = torch.finfo(dtype)
-        assert np.all(u_abs <= u_ada * (1 + 2 * fp.eps) + fp.tiny * fp.eps), (u_abs, u_ada)
+        with np.errstate(over="ignore"):  # u_ada may be inf (no bound)
+            assert np.all(u_abs <= u_ada * (1 + 2 * fp.eps) + fp.tiny * fp.eps), (u_abs, u_ada)
 
 
 @SETTINGS

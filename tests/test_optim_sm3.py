@@ -90,7 +90,27 @@ def test_matches_torch_sm3_on_a_model_with_a_scheduler(dtype, tol, momentum):
             assert "momentum_buffer" not in ours_state  # torch-SM3 keeps the float 0. here
 
 
-# -- the float64 reference: shapes, param groups, beta > 0, momentum ---------------------
+# -- the float64 reference: a model, shapes, param groups, beta > 0, momentum -----------
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_model_with_scheduler_matches_reference(momentum):
+    model = make_model()
+    opt = SM3(model.parameters(), lr=0.05, momentum=momentum)
+    lam = seed_lambda(warm_up=2, total=6)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lam)
+    refs = [ReferenceSM3(p.detach().numpy(), momentum=momentum) for p in model.parameters()]
+    for t, (x, y) in enumerate(batches(6)):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        for p, ref in zip(model.parameters(), refs):
+            ref.lr = 0.05 * lam(t)
+            ref.step(p.grad.numpy())  # the same gradient: the parameters agreed so far
+        opt.step()
+        sched.step()
+        for p, ref in zip(model.parameters(), refs):
+            np.testing.assert_allclose(p.detach().numpy(), ref.p, rtol=1e-11, atol=1e-13)
+
 
 SHAPES = [(), (7,), (6, 5), (3, 4, 2), (1, 9)]
 
@@ -235,6 +255,15 @@ def test_frozen_parameters_are_skipped():
         train(their_model, TorchSM3(their_model.parameters()), batches(1))
 
 
+def test_empty_parameters_are_skipped():
+    empty, w = torch.nn.Parameter(torch.zeros(0, 3)), torch.nn.Parameter(torch.randn(2, 3))
+    opt = SM3([empty, w])
+    empty.grad, w.grad = torch.zeros(0, 3), torch.randn(2, 3)
+    before = w.detach().clone()
+    opt.step()
+    assert empty not in opt.state and not torch.equal(w, before)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision_zero_gradient_gives_no_nan(dtype):
     torch.manual_seed(0)
@@ -346,14 +375,17 @@ def test_bad_hyperparameter_at_step_changes_nothing():
     assert all(torch.equal(after[k], v) for k, v in state_before.items())
 
 
-def test_sparse_gradient_is_refused_clearly():
-    # hook point for the sparse kernel (SM3._check_sparse / _sparse_step_): until it is
-    # wired in, a clear TypeError, raised before the dense parameters move
+def test_bad_sparse_gradient_is_refused_clearly():
+    # SM3._check_sparse (the sparse kernel's check; tests/test_sparse_optim.py has the
+    # rest): a clear error, raised before the dense parameters move
     emb, lin = torch.nn.Embedding(10, 3, sparse=True), torch.nn.Linear(3, 2)
     opt = SM3([{"params": lin.parameters()}, {"params": emb.parameters()}])
     lin(emb(torch.tensor([1, 2]))).sum().backward()
+    emb.weight.grad = torch.sparse_coo_tensor(  # a sparse tensor with no sparse dim
+        torch.zeros(0, 1, dtype=torch.long), torch.randn(1, 10, 3), (10, 3), check_invariants=True
+    )
     before = lin.weight.detach().clone()
-    with pytest.raises(TypeError, match="parameter 2 of shape \\(10, 3\\).*sparse"):
+    with pytest.raises(ValueError, match="parameter 2 of shape \\(10, 3\\).*sparse"):
         opt.step()
     assert not opt.state and torch.equal(lin.weight, before)
 

@@ -186,11 +186,7 @@ class FunctionalOptimizer(torch.optim.Optimizer):
         """``tx.init`` of ``params`` (key -> tensor), as per-parameter state dicts."""
         if not params:
             return {}
-        per_param, group = split_state(tx.init(dict(params)), params)
-        return {
-            k: {self._state_key(t): v for t, v in itertools.chain(per_param.get(k, {}).items(), group.items())}
-            for k in params
-        }
+        return self._named_state(tx.init(dict(params)), params)
 
     def _gather(self, tx: GradientTransformation, states: Mapping[str, Mapping[str, Any]]) -> TensorDictBase:
         """The transform's state, rebuilt from per-parameter state dicts."""
@@ -208,12 +204,15 @@ class FunctionalOptimizer(torch.optim.Optimizer):
                     have_group.add(template)
         return state
 
-    def _scatter(self, new_state: TensorDictBase, params: Mapping[str, torch.Tensor]) -> None:
+    def _named_state(
+        self, new_state: TensorDictBase, params: Mapping[str, torch.Tensor]
+    ) -> dict[str, dict[str, torch.Tensor]]:
+        """``new_state`` as the per-parameter state dicts of ``params`` (group entries in each)."""
         per_param, group = split_state(new_state, params)
-        for key, p in params.items():
-            entries = self.state[p]
-            for template, value in itertools.chain(per_param.get(key, {}).items(), group.items()):
-                entries[self._state_key(template)] = value
+        return {
+            key: {self._state_key(t): v for t, v in itertools.chain(per_param.get(key, {}).items(), group.items())}
+            for key in params
+        }
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None):
@@ -241,13 +240,13 @@ class FunctionalOptimizer(torch.optim.Optimizer):
             params = {k: p.detach() for k, p in live.items()}
             grads = {k: p.grad for k, p in live.items()}
             updates, new_state = tx.update(grads, self._gather(tx, states), params)
-            plans.append((live, params, updates, new_state))
-        for live, params, updates, new_state in plans:
-            new_params = apply_updates(params, updates)
+            moved = {k for k, u in updates.items() if u is not None}
+            plans.append((live, moved, apply_updates(params, updates), self._named_state(new_state, live)))
+        for live, moved, new_params, new_states in plans:  # commit
             for k, p in live.items():
-                if updates.get(k) is not None:
+                if k in moved:
                     p.copy_(new_params[k])
-            self._scatter(new_state, live)
+                self.state[p].update(new_states[k])
         return loss
 
     # -- checkpoints --------------------------------------------------------------------

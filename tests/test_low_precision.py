@@ -178,3 +178,19 @@ def test_fast_path_saturates_too(shape):
     for i, a in enumerate(accs):
         assert torch.equal(a, new_state["p", f"accumulator_{i}"])
         assert torch.isfinite(a).all() and a.max() == torch.finfo(torch.float32).max
+
+
+def test_sparse_rows_saturate_too():
+    """The sparse (embedding) path runs the same sm3_block: an overflowing row saturates."""
+    from sm3fn.optim import SM3
+
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(6, 3, sparse=True)
+    opt = SM3(emb.parameters(), lr=0.1)
+    weight = emb.weight.detach().clone()
+    (emb(torch.tensor([1, 4])) * torch.tensor([[1e20], [1.0]])).sum().backward()
+    opt.step()
+    acc = opt.state[emb.weight]["accumulator_0"].reshape(-1)
+    assert acc[1] == torch.finfo(torch.float32).max and acc[4] == 1.0  # g = 1 on each entry of row 4
+    assert torch.equal(emb.weight[1], weight[1])  # the overflowing row: a zero step
+    assert torch.isfinite(emb.weight).all()

@@ -194,3 +194,21 @@ def test_sparse_rows_saturate_too():
     assert acc[1] == torch.finfo(torch.float32).max and acc[4] == 1.0  # g = 1 on each entry of row 4
     assert torch.equal(emb.weight[1], weight[1])  # the overflowing row: a zero step
     assert torch.isfinite(emb.weight).all()
+
+
+@pytest.mark.parametrize("dtype", ALL, ids=str)
+@pytest.mark.parametrize("beta,momentum", [(0.0, 0.0), (0.9, 0.9)])
+def test_adapter_no_nonfinite_from_zero_tiny_or_huge_gradients(dtype, beta, momentum):
+    """The same gradients through sm3fn.optim.SM3's in-place fast path."""
+    from sm3fn.optim import SM3
+
+    fi = torch.finfo(dtype)
+    gen = torch.Generator().manual_seed(6)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(dtype)) for s in [(6, 5), (5,), ()]]
+    opt = SM3(params, lr=0.1, momentum=momentum, beta=beta)
+    for scale in [0.0, 1e-30, fi.tiny / 8, fi.tiny, fi.max, 1.0, fi.max, 1e-3, 0.0, 1.0]:
+        for p in params:
+            p.grad = _bounded(p.shape, scale, dtype, gen)
+        opt.step()
+        tensors = params + [t for s in opt.state.values() for t in s.values() if t.is_floating_point()]
+        assert all(torch.isfinite(t).all() for t in tensors), f"non-finite after a gradient of scale {scale}"

@@ -21,6 +21,7 @@ from sm3fn import schedules
 from sm3fn.func import stop_gradient
 from sm3fn.inject import inject_hyperparams
 from sm3fn.transforms import (
+    apply_if_finite,
     add_decayed_weights,
     averaged_params,
     chain,
@@ -47,6 +48,7 @@ __all__ = [
     "Schedule",
     "ScalarOrSchedule",
     "Tree",
+    "apply_if_finite",
     "add_decayed_weights",
     "apply_updates",
     "averaged_params",

@@ -7,6 +7,7 @@
 """
 
 from sm3fn.alias import sm3
+from sm3fn.inplace import sm3_update_
 from sm3fn.base import (
     GradientTransformation,
     OptState,
@@ -45,5 +46,6 @@ __all__ = [
     "scale_by_schedule",
     "scale_by_sm3",
     "sm3",
+    "sm3_update_",
     "trace",
 ]

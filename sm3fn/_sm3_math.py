@@ -108,6 +108,12 @@ def precondition(
     float32 with eps = 1e-30); the outer one makes a zero gradient a zero
     step even where ``eps`` underflows.  ``out`` may be ``nu`` itself.
     """
+    if out is not None and _positive_everywhere(nu):
+        # every nu > 0 (and none is NaN): both ``where``s pick their first
+        # branch, so three plain passes give the same numbers as the masked
+        # expression below, which costs ~4x more on a CPU (bool masks).
+        den = torch.sqrt(torch.add(nu, eps, out=out), out=out)
+        return torch.div(grad, den, out=out)
     positive = nu > 0
     if out is None:
         den = torch.where(positive, nu, 1.0)
@@ -119,6 +125,17 @@ def precondition(
     if out is None:
         return torch.where(positive, u, 0.0)
     return u.masked_fill_(~positive, 0.0)
+
+
+def _positive_everywhere(nu: torch.Tensor) -> bool:
+    """``all(nu > 0)``, asked only where the answer is cheap: on a CPU, outside tracing.
+
+    ``amin`` propagates NaN, so a NaN in ``nu`` answers False.  On other
+    devices reading the answer would synchronise, so the masked path runs.
+    """
+    if nu.device.type != "cpu" or nu.numel() == 0 or torch.compiler.is_compiling():
+        return False
+    return bool(nu.amin() > 0)
 
 
 def cover_maxima(nu: torch.Tensor) -> tuple[torch.Tensor, ...]:

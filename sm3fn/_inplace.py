@@ -31,8 +31,8 @@ from sm3fn._sm3_math import ema, sm3_block
 #: elements per block (eager): a block's passes (min, addcmul, maxima, sqrt,
 #: div, add) stay in a 2 MiB L2 cache; much smaller blocks pay per-op overhead.
 BLOCK_ELEMENTS = 1 << 18
-#: elements per block (compiled): a fused kernel makes 3 passes over a block,
-#: and each call costs ~20 us of guards, so larger blocks pay off.
+#: elements per block (compiled, no momentum): a fused kernel makes 3 passes
+#: over a block, and each call costs ~20 us of guards, so larger blocks pay off.
 COMPILED_BLOCK_ELEMENTS = 1 << 20
 
 _Number = Union[float, torch.Tensor]
@@ -110,7 +110,10 @@ def sm3_apply_(
     compiles, seconds per configuration).
     """
     if block_elements is None:
-        block_elements = COMPILED_BLOCK_ELEMENTS if compiled else BLOCK_ELEMENTS
+        # compiled with momentum, inductor keeps a block-sized copy of the new
+        # buffer, so the block stays at the eager size there
+        with_momentum = any(m is not None for m in momentum_buffers)
+        block_elements = COMPILED_BLOCK_ELEMENTS if compiled and not with_momentum else BLOCK_ELEMENTS
     if not isinstance(block_elements, int) or block_elements < 1:
         raise ValueError(f"block_elements must be a positive int, got {block_elements!r}")
     if compiled and not isinstance(lr, torch.Tensor):

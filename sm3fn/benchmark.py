@@ -65,14 +65,14 @@ def sm3_min_state_bytes(params, itemsize: int = 4) -> int:
 
 
 def state_bytes(state_tensors) -> int:
-    """Bytes of the distinct storages among ``state_tensors``."""
+    """Bytes of the distinct tensors among ``state_tensors``."""
     seen, total = set(), 0
     for t in state_tensors:
         if isinstance(t, torch.Tensor) and t.numel() > 0:
-            key = t.untyped_storage().data_ptr()
+            key = (t.data_ptr(), t.numel(), t.dtype)
             if key not in seen:
                 seen.add(key)
-                total += t.untyped_storage().nbytes()
+                total += t.numel() * t.element_size()
     return total
 
 

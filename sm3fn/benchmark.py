@@ -131,7 +131,7 @@ def _sm3fn_optim(params, lr, momentum, compiled):
 
 
 def make_optimizers(params, include_compiled: bool, include_torch_sm3: bool):
-    """name -> (step function, state-tensor function)."""
+    """name -> (step function, state-tensor function, what runs)."""
     lr = 1e-6  # tiny: every optimizer steps the same shared parameters
     out = {}
     for momentum in (0.0, 0.9):
@@ -140,9 +140,10 @@ def make_optimizers(params, include_compiled: bool, include_torch_sm3: bool):
             opt = _sm3fn_optim(params, lr, momentum, compiled)
             if opt is None:
                 opt = SM3Steps(params, lr, momentum, compiled)
-                out[name] = (opt.step, opt.state_tensors)
+                out[name] = (opt.step, opt.state_tensors, "sm3fn._inplace.sm3_apply_"
+                             + ("(compiled=True)" if compiled else ""))
             else:
-                out[name] = (opt.step, lambda opt=opt: _torch_state(opt))
+                out[name] = (opt.step, lambda opt=opt: _torch_state(opt), "sm3fn.optim.SM3")
     candidates = {
         "Adam fused": lambda: torch.optim.Adam(params, lr=lr, fused=True),
         "Adam foreach": lambda: torch.optim.Adam(params, lr=lr, foreach=True),
@@ -158,7 +159,7 @@ def make_optimizers(params, include_compiled: bool, include_torch_sm3: bool):
             pass
     for name, make in candidates.items():
         opt = make()
-        out[name] = (opt.step, lambda opt=opt: _torch_state(opt))
+        out[name] = (opt.step, lambda opt=opt: _torch_state(opt), type(opt).__module__ + "." + type(opt).__name__)
     return out
 
 
@@ -173,7 +174,7 @@ def bench_preset(preset: str, repeats: int, include_compiled: bool, include_torc
     param_bytes = 4 * n
     log(f"[{preset}] {n / 1e6:.1f}M parameters in {len(params)} tensors")
     opts = make_optimizers(params, include_compiled, include_torch_sm3)
-    for name, (step, _) in opts.items():  # warm-up: lazy state, compilation
+    for name, (step, *_) in opts.items():  # warm-up: lazy state, compilation
         t = time.perf_counter()
         step()
         step()
@@ -194,7 +195,7 @@ def bench_preset(preset: str, repeats: int, include_compiled: bool, include_torc
         rows[name] = {
             "median_ms": 1e3 * statistics.median(ts), "q1_ms": 1e3 * q[0], "q3_ms": 1e3 * q[2],
             "min_ms": 1e3 * ts[0], "state_bytes": state_bytes(opts[name][1]()),
-            "peak_bytes": step_peak_bytes(opts[name][0]),
+            "peak_bytes": step_peak_bytes(opts[name][0]), "runs": opts[name][2],
         }
     return {"preset": preset, "params": n, "tensors": len(params), "param_bytes": param_bytes,
             "sm3_min_state_bytes": sm3_min_state_bytes(params), "rows": rows}
@@ -268,6 +269,7 @@ def format_table(result: dict) -> str:
             f"{_mib(r['state_bytes']):>9s} {_mib(r['peak_bytes']):>13s} "
             f"{100 * r['peak_bytes'] / result['param_bytes']:13.2f}"
         )
+    lines += [f"  {name}: {r['runs']}" for name, r in rows.items() if name.startswith("sm3fn")]
     return "\n".join(lines)
 
 

@@ -15,8 +15,9 @@ def test_benchmark_quick_runs(tmp_path, capsys):
     for name in ("sm3fn m=0", "sm3fn m=0.9", "Adam fused", "Adam foreach", "Adagrad", "Adafactor"):
         assert name in rows and name in out
         assert rows[name]["median_ms"] > 0
-    # SM3's state is its accumulators (no momentum buffer at momentum 0)
-    assert rows["sm3fn m=0"]["state_bytes"] == results[0]["sm3_min_state_bytes"]
+    # SM3's state is its accumulators (+ step counters; no momentum buffer at momentum 0)
+    minimum = results[0]["sm3_min_state_bytes"]
+    assert minimum <= rows["sm3fn m=0"]["state_bytes"] <= 1.05 * minimum
     assert "functional / plain loop" in out
 
 

@@ -117,7 +117,8 @@ def sm3_apply_(
     if not isinstance(block_elements, int) or block_elements < 1:
         raise ValueError(f"block_elements must be a positive int, got {block_elements!r}")
     if compiled and not isinstance(lr, torch.Tensor):
-        lr = torch.tensor(float(lr))  # a tensor, so a new lr does not recompile
+        # a tensor, so that a new lr (a scheduler) does not recompile
+        lr = torch.tensor(float(lr), device=params[0].device if len(params) else None)
     step = _compiled() if compiled else _block_step
     scratch = _Scratch(block_elements, compiled)
     small: dict[tuple, list[int]] = {}

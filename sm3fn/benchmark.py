@@ -275,11 +275,12 @@ def format_table(result: dict) -> str:
 
 def plot(results: list[dict], path: str) -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(len(results), 2, figsize=(13, 3.6 * len(results)), squeeze=False)
+    fig, axes = plt.subplots(len(results), 2, figsize=(14, 3.6 * len(results)), squeeze=False)
     for ax_t, ax_m, res in zip(axes[:, 0], axes[:, 1], results):
         names = list(res["rows"])
         rows = [res["rows"][n] for n in names]
@@ -288,6 +289,8 @@ def plot(results: list[dict], path: str) -> None:
         colors = ["tab:green" if n.startswith("sm3fn") else "tab:gray" for n in names]
         ax_t.barh(names, med, xerr=err, color=colors)
         ax_t.set_xscale("log")
+        ax_t.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax_t.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
         ax_t.set_xlabel("step time, ms (median, IQR; log scale)")
         ax_t.set_title(f"{res['preset']}: {res['params'] / 1e6:.1f}M params, 1 thread")
         ax_t.invert_yaxis()
@@ -301,7 +304,7 @@ def plot(results: list[dict], path: str) -> None:
         ax_m.set_xlabel("MiB (symlog)")
         ax_m.axvline(res["param_bytes"] / 2**20, color="k", ls=":", lw=1, label="parameters")
         ax_m.invert_yaxis()
-        ax_m.legend(fontsize=7, loc="lower right")
+        ax_m.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -64,9 +64,10 @@ def cover_minimum(
     """``min_i a_i``, broadcast to the parameter's shape (the accumulator itself for 0-d/1-d)."""
     if len(accumulators) == 1:
         return accumulators[0]
-    # expand the first so that ``out`` gets the full shape at once (k > 2)
-    shape = torch.broadcast_shapes(*(a.shape for a in accumulators))
-    low = torch.minimum(accumulators[0].expand(shape), accumulators[1], out=out)
+    first = accumulators[0]
+    if out is not None:  # expanded, so that ``out`` is written at its full shape at once (k > 2)
+        first = first.expand(out.shape)
+    low = torch.minimum(first, accumulators[1], out=out)
     for a in accumulators[2:]:
         low = torch.minimum(low, a, out=out)
     return low

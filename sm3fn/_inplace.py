@@ -11,6 +11,8 @@ cannot drift apart, and it allocates nothing the size of a parameter:
   block is done; the other accumulators ``a_i`` (``i > 0``) are maxima over
   all rows, and every block still needs their old values, so their new
   values build up in small buffers and are copied in after the last block.
+  (Rows longer than a block are split along a later dim; then every
+  accumulator builds up that way.)
 * 0-d and 1-d tensors (biases, norms: many, small) are packed into one flat
   buffer per ``block_elements`` elements and stepped together: their math is
   elementwise, so one call on the pack does the work of dozens of calls,
@@ -22,6 +24,7 @@ cannot drift apart, and it allocates nothing the size of a parameter:
 
 from __future__ import annotations
 
+import itertools
 from typing import Optional, Sequence, Union
 
 import torch
@@ -50,19 +53,24 @@ def _block_step(
     eps: float,
     nu_out: Optional[torch.Tensor] = None,
     u_out: Optional[torch.Tensor] = None,
+    write_first: bool = True,
 ) -> None:
     """One step on a block: ``p -= lr * (ema of u if m else u)``, accumulators updated.
 
-    ``accs[0]`` is the block's slice of the first accumulator (written in
-    place); the new values of ``accs[1:]`` are folded into ``running`` (max).
-    With ``nu_out``/``u_out`` (eager) the work runs in those buffers; without
+    ``accs`` are the block's slices of the accumulators (their old values).
+    With ``write_first`` (the block holds whole slices of dim 0) the new
+    ``accs[0]`` is written in place and the new values of ``accs[1:]`` are
+    folded into ``running`` (max); without, all of them are.  With
+    ``nu_out``/``u_out`` (eager) the work runs in those buffers; without
     (under ``torch.compile``) it is written out of place and inductor fuses it.
     """
     g = g.to(accs[0].dtype)
     u, maxima = sm3_block(g, accs, beta, eps, nu_out=nu_out, u_out=u_out)
-    if maxima[0] is not accs[0]:
-        accs[0].copy_(maxima[0])
-    for r, new in zip(running, maxima[1:]):
+    if write_first:
+        if maxima[0] is not accs[0]:
+            accs[0].copy_(maxima[0])
+        maxima = maxima[1:]
+    for r, new in zip(running, maxima):
         torch.maximum(r, new, out=r)
     if m is not None:
         u = ema(m, u.to(m.dtype), momentum, out=m)
@@ -206,15 +214,39 @@ def _apply_flat(p, g, acc, m, scratch, step, lr, momentum, beta, eps, block_elem
 
 
 def _apply_rows(p, g, accs, m, scratch, step, lr, momentum, beta, eps, block_elements):
-    running = [torch.full_like(a, -float("inf")) for a in accs[1:]]
-    rows, per_row = g.shape[0], g[0].numel()
-    height = max(1, block_elements // per_row)
-    for start in range(0, rows, height):
-        end = min(rows, start + height)
-        shape = (end - start,) + tuple(g.shape[1:])
-        nu = scratch.get("nu", (end - start) * per_row, g, accs[0].dtype)
-        nu = None if nu is None else nu.view(shape)
-        step(p[start:end], g[start:end], [accs[0][start:end], *accs[1:]], running,
-             None if m is None else m[start:end], lr, momentum, beta, eps, nu_out=nu, u_out=nu)
-    for a, new in zip(accs[1:], running):
+    """A tensor of 2+ dims, in blocks of at most ``block_elements`` elements.
+
+    The split dim ``d`` is the first whose trailing sub-tensor (dims after ``d``)
+    fits a block; a block is one index of every dim before ``d``, a run of
+    indices of dim ``d``, and all of the dims after it.  With ``d == 0`` (the
+    usual case: rows fit) the row accumulator is written per block; otherwise
+    every accumulator's new value builds up in a small running buffer.
+    """
+    shape = tuple(g.shape)
+    d, inner = 0, g[0].numel()
+    while inner > block_elements and d < len(shape) - 1:
+        d += 1
+        inner //= shape[d]
+    height = max(1, block_elements // inner)
+    running = [torch.full_like(a, -float("inf")) for a in (accs[1:] if d == 0 else accs)]
+    for outer in itertools.product(*(range(n) for n in shape[:d])):
+        lead = tuple(slice(i, i + 1) for i in outer)
+        for start in range(0, shape[d], height):
+            end = min(shape[d], start + height)
+            sl = lead + (slice(start, end),)
+            blk_shape = (1,) * d + (end - start,) + shape[d + 1:]
+            nu = scratch.get("nu", (end - start) * inner, g, accs[0].dtype)
+            nu = None if nu is None else nu.view(blk_shape)
+            blk_accs = [a.narrow(i, *_span(sl[i])) if i <= d else a for i, a in enumerate(accs)]
+            if d == 0:
+                blk_running = running
+            else:
+                blk_running = [r.narrow(i, *_span(sl[i])) if i <= d else r for i, r in enumerate(running)]
+            step(p[sl], g[sl], blk_accs, blk_running, None if m is None else m[sl], lr, momentum,
+                 beta, eps, nu_out=nu, u_out=nu, write_first=d == 0)
+    for a, new in zip(accs[1:] if d == 0 else accs, running):
         a.copy_(new)
+
+
+def _span(sl: slice) -> tuple[int, int]:
+    return sl.start, sl.stop - sl.start

@@ -186,7 +186,8 @@ def _apply_packed(ps, gs, accs, ms, scratch, step, lr, momentum, beta, eps):
     if n == 0:
         return
     dtype = accs[0].dtype
-    flat = lambda ts: [t.reshape(-1) for t in ts]  # noqa: E731 - views of 0-d/1-d tensors
+    # views (a 0-d/1-d tensor of any stride has a 1-d view), so the copies back land in place
+    flat = lambda ts: [t.view(-1) for t in ts]  # noqa: E731
     g_pack = torch.cat(flat(gs), out=scratch.get("g_pack", n, gs[0], gs[0].dtype))
     a_pack = torch.cat(flat(accs), out=scratch.get("a_pack", n, gs[0], dtype))
     p_pack = torch.cat(flat(ps), out=scratch.get("p_pack", n, gs[0], ps[0].dtype))

@@ -289,3 +289,21 @@ def test_sm3_update_on_module_parameters():
         torch.testing.assert_close(p.detach(), want_params[key])
     for key, a in state.items(True, True):
         torch.testing.assert_close(a, want_state[key])
+
+
+def test_strided_parameters_are_updated_in_place():
+    """Views with strides (a column of a matrix, a transposed matrix) move where they live."""
+    gen = torch.Generator().manual_seed(12)
+    base = torch.randn(9, 7, generator=gen)
+    base_t = torch.randn(6, 11, generator=gen)
+    params = {"col": base[:, 2], "t": base_t.t()}
+    grads_seq = _random_grads(gen, {"col": (9,), "t": (11, 6)}, torch.float32, 3)
+    tx = sm3fn.sm3(0.1, momentum=0.9)
+    want, want_state = _functional_run(tx, {k: v.clone() for k, v in params.items()}, grads_seq)
+    state = tx.init(params)
+    for grads in grads_seq:
+        sm3fn.sm3_update_(params, grads, state, learning_rate=0.1, momentum=0.9, block_elements=16)
+    torch.testing.assert_close(base[:, 2], want["col"])
+    torch.testing.assert_close(base_t.t(), want["t"])
+    for key, a in state.items(True, True):
+        torch.testing.assert_close(a, want_state[key])

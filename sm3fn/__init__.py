@@ -8,6 +8,7 @@
 
 from sm3fn import func
 from sm3fn.alias import sm3
+from sm3fn.inplace import sm3_update_
 from sm3fn.base import (
     GradientTransformation,
     OptState,
@@ -70,6 +71,7 @@ __all__ = [
     "scale_by_schedule",
     "scale_by_sm3",
     "sm3",
+    "sm3_update_",
     "stop_gradient",
     "trace",
 ]

@@ -1,0 +1,135 @@
+"""``sm3_update_``: the whole :func:`sm3fn.sm3` step, in place, for users who need no gradient through it.
+
+``tx.update`` + ``apply_updates`` are pure: every step allocates new
+parameters, updates and state (what ``torch.func`` and meta-learning need).
+When nothing differentiates through the step, :func:`sm3_update_` does the
+same step on the same state TensorDict in place, through the fast path
+(blocks that stay in cache, no parameter-sized temporaries).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from sm3fn import _checks, _tree
+from sm3fn._inplace import sm3_apply_
+from sm3fn.base import OptState, ScalarOrSchedule, Tree
+from sm3fn.transforms.scaling import COUNT
+from sm3fn.transforms.sm3 import accumulators_by_param, check_grad
+
+
+def _as_float(name: str, value) -> float:
+    """A hyperparameter as a Python float (the fast path specialises on it)."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.requires_grad:
+            raise ValueError(
+                f"{name} must be a float or a one-element tensor that does not require grad "
+                f"for sm3_update_ (use tx.update to differentiate through it), got shape "
+                f"{tuple(value.shape)}, requires_grad={value.requires_grad}"
+            )
+        return float(value)
+    return float(value)
+
+
+@torch.no_grad()
+def sm3_update_(
+    params: Tree,
+    grads: Tree,
+    state: OptState,
+    *,
+    learning_rate: ScalarOrSchedule = 0.1,
+    momentum: float | torch.Tensor = 0.0,
+    beta: float | torch.Tensor = 0.0,
+    eps: float = 1e-30,
+    compiled: bool = False,
+    block_elements: Optional[int] = None,
+) -> None:
+    """One :func:`sm3fn.sm3` step, in place: ``params``, and ``state``, are updated; nothing is returned.
+
+    Equal (to float rounding) to::
+
+        tx = sm3fn.sm3(learning_rate, momentum, beta, eps)
+        updates, state = tx.update(grads, state, params)
+        params = sm3fn.apply_updates(params, updates)
+
+    with ``state = tx.init(params)`` made by that same ``tx`` (pass the same
+    hyperparameters here).  A ``None`` gradient (frozen parameter) leaves
+    its parameter and state as they were.  A schedule ``learning_rate`` reads
+    and increments the state's step count.  Every argument and key is
+    checked before anything is written.  No gradient flows through this
+    function; use ``tx.update`` for that.
+
+    Args:
+      params: dict or TensorDict of parameters, updated in place.
+      grads: the same keys (``None`` for frozen ones); only read.
+      state: the state TensorDict of ``sm3fn.sm3(...)``, updated in place.
+      learning_rate, momentum, beta, eps: as in :func:`sm3fn.sm3`.
+      compiled: fuse each block with ``torch.compile`` (the first call
+        compiles for a few seconds; later calls are faster).
+      block_elements: elements per block of the fast path (default: tuned).
+    """
+    _checks.check_scalar("learning_rate", learning_rate, 0.0, allow_callable=True)
+    _checks.check_scalar("momentum", momentum, 0.0, 1.0)
+    _checks.check_scalar("beta", beta, 0.0, 1.0)
+    _checks.check_scalar("eps", eps, 0.0)
+    if isinstance(eps, torch.Tensor):
+        raise TypeError("eps must be a float, got a tensor")
+    momentum_f, beta_f = _as_float("momentum", momentum), _as_float("beta", beta)
+    schedule = callable(learning_rate) and not isinstance(learning_rate, torch.Tensor)
+    if not schedule:
+        lr = _as_float("learning_rate", learning_rate)
+
+    p_leaves = _tree.flatten(params, "params")
+    g_leaves = _tree.flatten(grads, "grads")
+    for stage in ("sm3", "learning_rate"):
+        if stage not in state.keys():
+            raise ValueError(f"state has keys {sorted(state.keys())}; expected the state of sm3fn.sm3(...)")
+    with_momentum = isinstance(momentum, torch.Tensor) or momentum > 0
+    if with_momentum != ("momentum" in state.keys()):
+        raise ValueError(
+            f"momentum={momentum!r}, but the state {'lacks' if with_momentum else 'holds'} momentum "
+            "buffers; pass the hyperparameters the state was made with"
+        )
+    accs_by_path = accumulators_by_param(state.get("sm3"))
+    _tree.check_same_keys(g_leaves, accs_by_path, "sm3")
+    buffers = _tree.flatten(state.get("momentum"), "momentum state") if with_momentum else {}
+    if with_momentum:
+        _tree.check_same_keys(g_leaves, buffers, "momentum")
+    live = [path for path, g in g_leaves.items() if g is not None]
+    for path in live:
+        g = g_leaves[path]
+        check_grad(path, g, accs_by_path[path])
+        p = p_leaves.get(path)
+        if p is None or tuple(p.shape) != tuple(g.shape):
+            raise ValueError(
+                f"params[{_tree.fmt(path)}] is {'missing' if p is None else f'of shape {tuple(p.shape)}'}, "
+                f"but grads[{_tree.fmt(path)}] has shape {tuple(g.shape)}"
+            )
+        if with_momentum and tuple(buffers[path].shape) != tuple(g.shape):
+            raise ValueError(
+                f"the momentum buffer of {_tree.fmt(path)} has shape {tuple(buffers[path].shape)}, "
+                f"but grads[{_tree.fmt(path)}] has shape {tuple(g.shape)}"
+            )
+    if schedule:
+        lr_state = state.get("learning_rate")
+        if COUNT not in lr_state.keys():
+            raise ValueError(f"a schedule learning_rate needs state['learning_rate'][{COUNT!r}]; "
+                             "the state was made without a schedule")
+        count = lr_state.get(COUNT)
+        lr = learning_rate(count)
+        _checks.check_scalar("learning_rate(count)", lr, 0.0)
+        lr = _as_float("learning_rate(count)", lr) if isinstance(lr, torch.Tensor) else float(lr)
+
+    sm3_apply_(
+        [p_leaves[path] for path in live],
+        [g_leaves[path] for path in live],
+        [accs_by_path[path] for path in live],
+        [buffers[path] if with_momentum else None for path in live],
+        lr=lr, momentum=momentum_f, beta=beta_f, eps=eps,
+        compiled=compiled, block_elements=block_elements,
+    )
+    if schedule:
+        count.add_(1)
+

@@ -1,0 +1,34 @@
+"""The benchmark runs end to end (a smoke test: figures live in its output, not in asserts)."""
+
+import pytest
+
+from sm3fn import benchmark
+
+
+@pytest.mark.slow
+def test_benchmark_quick_runs(tmp_path, capsys):
+    png = tmp_path / "bench.png"
+    results = benchmark.main(["--quick", "--plot", str(png)])
+    out = capsys.readouterr().out
+    assert png.stat().st_size > 0
+    rows = results[0]["rows"]
+    for name in ("sm3fn m=0", "sm3fn m=0.9", "Adam fused", "Adam foreach", "Adagrad", "Adafactor"):
+        assert name in rows and name in out
+        assert rows[name]["median_ms"] > 0
+    # SM3's state is its accumulators (+ step counters; no momentum buffer at momentum 0)
+    minimum = results[0]["sm3_min_state_bytes"]
+    assert minimum <= rows["sm3fn m=0"]["state_bytes"] <= 1.05 * minimum
+    assert "functional / plain loop" in out
+
+
+def test_gpt2_preset_sizes():
+    n = {k: sum(_numel(s) for s in benchmark.gpt2_shapes(*v).values()) for k, v in benchmark.PRESETS.items()}
+    assert 15e6 < n["16m"] < 17e6
+    assert 123e6 < n["124m"] < 125e6  # GPT-2 small with its head tied to wte
+
+
+def _numel(shape):
+    out = 1
+    for n in shape:
+        out *= n
+    return out

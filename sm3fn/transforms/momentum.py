@@ -6,7 +6,7 @@ from typing import Callable, Optional
 
 import torch
 
-from sm3fn import _checks, _tree
+from sm3fn import _checks, _sharded, _tree
 from sm3fn._sm3_math import ema as ema_step
 from sm3fn.base import GradientTransformation, OptState, Tree
 
@@ -39,6 +39,7 @@ def _buffered(owner: str, dtype: Optional[torch.dtype], step: _BufferStep) -> Gr
             if u is None:
                 continue
             _checks.check_floating("updates", path, u)
+            _sharded.check_same_kind(owner, path, update=u, state=buffers[path])
             if u.shape != buffers[path].shape:
                 raise ValueError(
                     f"updates[{_tree.fmt(path)}] has shape {tuple(u.shape)}, but the {owner} "

@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from sm3fn import _checks, _tree
+from sm3fn import _checks, _sharded, _tree
 from sm3fn._sm3_math import init_accumulators, param_shape, sm3_block
 from sm3fn.base import GradientTransformation, OptState, Tree
 
@@ -78,7 +78,10 @@ def scale_by_sm3(
                 continue
             _checks.check_floating("params", path, p)
             dtype = _checks.statistics_dtype(p.dtype, accumulator_dtype)
-            per_param[path] = list(init_accumulators(p, dtype))
+            if _sharded.is_dtensor(p):  # placements follow the parameter's, never Partial
+                per_param[path] = list(_sharded.init_accumulators_sharded(p, dtype, path=path))
+            else:
+                per_param[path] = list(init_accumulators(p, dtype))
         return accumulator_state(per_param)
 
     def update(updates: Tree, state: OptState, params: Optional[Tree] = None):
@@ -87,16 +90,26 @@ def scale_by_sm3(
         _tree.check_same_keys(grads, accs_by_path, "scale_by_sm3")
         for path, g in grads.items():
             if g is not None:
+                _sharded.check_same_kind(
+                    "scale_by_sm3", path, grad=g,
+                    **{f"accumulator_{i}": a for i, a in enumerate(accs_by_path[path])},
+                )
                 check_grad(path, g, accs_by_path[path])
 
+        # DTensors: local maxima of all parameters are all-reduced together, after the loop
+        reducer = _sharded.MaxReducer()
         new_updates, new_accs = {}, {}
         for path, g in grads.items():
             accs = accs_by_path[path]
             if g is None:  # frozen: no update, state kept
                 new_updates[path], new_accs[path] = None, accs
                 continue
-            u, new_accs[path] = sm3_block(g.to(accs[0].dtype), accs, beta, eps)
+            if _sharded.is_dtensor(g):
+                u, new_accs[path] = _sharded.sm3_block_sharded(g, accs, beta, eps, reducer, path=path)
+            else:
+                u, new_accs[path] = sm3_block(g.to(accs[0].dtype), accs, beta, eps)
             new_updates[path] = u.to(g.dtype)
+        reducer.flush()
         return _tree.unflatten_like(updates, new_updates), accumulator_state(new_accs)
 
     return GradientTransformation(init, update)

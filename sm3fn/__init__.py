@@ -26,6 +26,7 @@ from sm3fn.transforms import (
     scale_by_sm3,
     trace,
 )
+from sm3fn import optim  # after the core: the optimizers build on it
 
 __version__ = "0.1.0"
 
@@ -40,6 +41,7 @@ __all__ = [
     "ema",
     "identity",
     "named_chain",
+    "optim",
     "scale",
     "scale_by_learning_rate",
     "scale_by_schedule",

@@ -1,0 +1,231 @@
+"""``SM3``: a drop-in for torch-SM3's ``from SM3 import SM3``, on sm3fn's core.
+
+It is :class:`FunctionalOptimizer` around :func:`sm3fn.sm3`: ``tx.init``
+makes the state, which is stored under torch-SM3's names, and the step runs
+the in-place fast path :func:`sm3fn._inplace.sm3_apply_` (the same equations
+as ``tx.update``, from :mod:`sm3fn._sm3_math`, without full-size temporaries).
+
+Per-parameter state, as in torch-SM3 (so its checkpoints load here):
+
+* ``step``: steps taken (a 0-d int64 tensor; torch-SM3 keeps an int);
+* ``accumulator_0`` ... ``accumulator_{k-1}``: keepdim layout, ``a_i`` has
+  ``n_i`` in dim ``i`` and 1 elsewhere (one full-size accumulator for 0-d/1-d);
+* ``momentum_buffer``: only while ``momentum > 0`` (torch-SM3 stores the
+  float ``0.`` otherwise).
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, Callable, Mapping, Optional
+
+import torch
+
+from sm3fn import _checks
+from sm3fn._inplace import sm3_apply_
+from sm3fn.alias import sm3 as sm3_tx
+from sm3fn.optim.functional import PARAM, FunctionalOptimizer, Template, param_key
+
+STEP = "step"
+MOMENTUM_BUFFER = "momentum_buffer"
+ACCUMULATOR = "accumulator_"
+
+# where each entry of sm3fn.sm3's state lives (see sm3fn.alias.sm3)
+_SM3_STAGE, _MOMENTUM_STAGE = "sm3", "momentum"
+
+
+def _accumulators(state: Mapping[str, Any], p: torch.Tensor) -> list[torch.Tensor]:
+    return [state[f"{ACCUMULATOR}{i}"] for i in range(max(1, p.dim()))]
+
+
+class SM3(FunctionalOptimizer):
+    """SM3-II (Anil, Gupta, Koren, Singer 2019, arXiv:1901.11150) as a ``torch.optim.Optimizer``.
+
+    A drop-in replacement for torch-SM3's ``SM3``: same arguments, defaults
+    and checks, same per-parameter state keys, the same trajectory on dense
+    gradients with ``beta == 0``.  Per step, for a gradient ``g`` with
+    accumulators ``a_i``::
+
+        nu  = min_i a_i + g*g              (beta > 0: beta * min_i a_i + (1 - beta) * g*g)
+        u   = g / sqrt(nu + eps)           (0 where nu == 0)
+        a_i = max of nu over every dim but i
+        m   = momentum * m + (1 - momentum) * u        (only if momentum > 0)
+        p  -= lr * (m or u)
+
+    Args:
+      params: parameters or param-group dicts (each group may set its own
+        ``lr``, ``momentum``, ``beta``, ``eps``).
+      lr: learning rate, ``>= 0``; ``torch.optim.lr_scheduler`` schedulers change it.
+      momentum: EMA decay of ``u`` in ``[0, 1)``; ``> 0`` keeps one buffer shaped
+        like the parameter.
+      beta: 0 sums squared gradients (the paper's default); ``0 < beta < 1``
+        keeps their exponential moving average, which decays.
+      eps: added to ``nu`` under the square root, ``>= 0``.
+      accumulator_dtype, momentum_dtype: dtypes of the statistics; default:
+        the parameter's for float32/float64, float32 for bfloat16/float16.
+
+    Unlike torch-SM3: parameters whose ``.grad`` is None are skipped,
+    ``beta > 0`` accumulators decay, a zero gradient in float16/bfloat16 is a
+    zero step (no NaN), every group's hyperparameters are checked, and
+    ``load_state_dict`` checks shapes (see README, "Coming from torch-SM3").
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float = 0.1,
+        momentum: float = 0.0,
+        beta: float = 0.0,
+        eps: float = 1e-30,
+        *,
+        accumulator_dtype: Optional[torch.dtype] = None,
+        momentum_dtype: Optional[torch.dtype] = None,
+    ):
+        _checks.check_dtype_arg("accumulator_dtype", accumulator_dtype)
+        _checks.check_dtype_arg("momentum_dtype", momentum_dtype)
+        self.accumulator_dtype = accumulator_dtype
+        self.momentum_dtype = momentum_dtype
+        self._check_group({"lr": lr, "momentum": momentum, "beta": beta, "eps": eps})
+
+        def tx(lr, momentum, beta, eps):
+            return sm3_tx(lr, momentum, beta, eps, accumulator_dtype=accumulator_dtype,
+                          momentum_dtype=momentum_dtype)
+
+        super().__init__(params, tx, lr=lr, momentum=momentum, beta=beta, eps=eps)
+
+    # -- torch-SM3's names for sm3fn.sm3's state ------------------------------------------
+
+    def _check_group(self, group: Mapping[str, Any]) -> None:
+        # torch-SM3's checks, plus: real numbers only (the fast path takes floats)
+        for name, low, high in (("lr", 0.0, None), ("momentum", 0.0, 1.0), ("beta", 0.0, 1.0), ("eps", 0.0, None)):
+            value = group[name]
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise TypeError(f"{name} must be a real number, got {value!r} of type {type(value).__name__}")
+            _checks.check_scalar(name, value, low, high)
+
+    def _state_key(self, template: Template) -> str:
+        if template == (_MOMENTUM_STAGE, PARAM):
+            return MOMENTUM_BUFFER
+        if len(template) == 3 and template[:2] == (_SM3_STAGE, PARAM) and template[2].startswith(ACCUMULATOR):
+            return template[2]
+        raise ValueError(f"SM3 has no name for the state entry {template}")  # sm3fn.sm3 changed
+
+    def _state_template(self, key: str) -> Optional[Template]:
+        if key == MOMENTUM_BUFFER:
+            return (_MOMENTUM_STAGE, PARAM)
+        if key.startswith(ACCUMULATOR):
+            return (_SM3_STAGE, PARAM, key)
+        return None  # "step"
+
+    # -- the step ----------------------------------------------------------------------
+
+    def _describe_param(self, group: Mapping[str, Any], p: torch.Tensor, index: int) -> str:
+        names = group.get("param_names")
+        name = f" ({names[group['params'].index(p)]!r})" if names else ""
+        return f"parameter {index}{name} of shape {tuple(p.shape)}"
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Any]] = None):
+        """One SM3 step on every parameter that has a gradient; returns the closure's loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        index = self._index()
+        work = []
+        # 1. check everything, so that a bad group or gradient changes nothing
+        for group in self.param_groups:
+            self._check_group(group)
+            params = [p for p in group["params"] if p.grad is not None]  # .grad None: frozen, skipped
+            for p in params:
+                g = p.grad
+                if g.layout != torch.strided:
+                    # Hook for sparse gradients (nn.Embedding(sparse=True)): the sparse
+                    # kernel is wired in here; until then they are refused.
+                    raise TypeError(
+                        f"{self._describe_param(group, p, index[id(p)])} has a {g.layout} gradient; "
+                        "sm3fn.optim.SM3 does not take sparse gradients yet"
+                    )
+                if not p.is_floating_point() or not g.is_floating_point():
+                    raise TypeError(
+                        f"{self._describe_param(group, p, index[id(p)])} has dtype {p.dtype} and gradient "
+                        f"dtype {g.dtype}; SM3 optimizes real floating-point tensors only"
+                    )
+            if params:
+                work.append((group, params))
+        # 2. state for new parameters (and a momentum buffer once momentum > 0), from tx.init
+        for group, params in work:
+            with_momentum = group["momentum"] > 0
+            needs = {
+                param_key(index[id(p)]): p
+                for p in params
+                if f"{ACCUMULATOR}0" not in self.state.get(p, {})
+                or (with_momentum and not isinstance(self.state[p].get(MOMENTUM_BUFFER), torch.Tensor))
+            }
+            fresh = self._fresh_state(self._transform(group), {k: p.detach() for k, p in needs.items()})
+            for key, p in needs.items():
+                state = self.state[p]
+                for name, value in fresh[key].items():
+                    if not isinstance(state.get(name), torch.Tensor):
+                        state[name] = value
+                if STEP not in state:
+                    state[STEP] = torch.zeros((), dtype=torch.int64)
+        # 3. the in-place step
+        for group, params in work:
+            momentum = group["momentum"]
+            states = [self.state[p] for p in params]
+            sm3_apply_(
+                params,
+                [p.grad for p in params],
+                [_accumulators(s, p) for s, p in zip(states, params)],
+                [s[MOMENTUM_BUFFER] if momentum > 0 else None for s in states],
+                lr=group["lr"],
+                momentum=momentum,
+                beta=group["beta"],
+                eps=group["eps"],
+            )
+            for s in states:
+                s[STEP] += 1
+        return loss
+
+    # -- checkpoints -------------------------------------------------------------------
+
+    def _load_param_state(
+        self, name: str, p: torch.Tensor, group: Mapping[str, Any], saved: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """torch-SM3's state or ours: ``step`` (int or tensor), the accumulators, and a
+        ``momentum_buffer`` that is a tensor shaped like ``p`` or torch-SM3's float 0."""
+        saved = dict(saved)
+        if STEP not in saved:
+            raise ValueError(f"{name} (shape {tuple(p.shape)}): the loaded state has no {STEP!r}, "
+                             f"keys {sorted(saved)}")
+        step = saved.pop(STEP)
+        if isinstance(step, torch.Tensor) and step.numel() == 1 and not step.is_floating_point():
+            step = int(step.item())
+        elif isinstance(step, torch.Tensor) and step.numel() == 1:
+            step = float(step.item())
+        if isinstance(step, bool) or not isinstance(step, numbers.Real) or step < 0 or step != int(step):
+            raise ValueError(f"{name}: loaded state['step'] must be a count >= 0, got {step!r}")
+        buffer = saved.pop(MOMENTUM_BUFFER, None)
+        if isinstance(buffer, torch.Tensor):
+            if buffer.shape != p.shape:
+                raise ValueError(
+                    f"{name} (shape {tuple(p.shape)}): loaded state[{MOMENTUM_BUFFER!r}] has shape "
+                    f"{tuple(buffer.shape)}, expected {tuple(p.shape)}"
+                )
+            dtype = _checks.statistics_dtype(p.dtype, self.momentum_dtype)
+            buffer = buffer.to(device=p.device, dtype=dtype)
+        elif buffer is not None and not (isinstance(buffer, numbers.Real) and buffer == 0):
+            # torch-SM3's placeholder before momentum is used is the float 0.
+            raise ValueError(
+                f"{name}: loaded state[{MOMENTUM_BUFFER!r}] must be a tensor of shape "
+                f"{tuple(p.shape)} or 0., got {buffer!r}"
+            )
+        else:
+            buffer = None
+        # the accumulators, checked against tx.init's (momentum left out: handled above)
+        out = super()._load_param_state(name, p, {**group, "momentum": 0.0}, saved)
+        out[STEP] = torch.tensor(int(step), dtype=torch.int64)
+        if buffer is not None:
+            out[MOMENTUM_BUFFER] = buffer
+        return out

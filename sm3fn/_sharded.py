@@ -51,15 +51,19 @@ def check_same_kind(owner: str, path: _tree.Path, **tensors: Optional[torch.Tens
 
     ``tensors`` maps a role (``param``, ``grad``, ``state``...) to a tensor
     (``None`` entries are skipped).  Raises a ``TypeError`` naming the
-    parameter before DTensor raises a deep dispatch error.
+    parameter (``owner: parameter 'path'``; ``path`` may also be a ready
+    description, a str) before DTensor raises a deep dispatch error.
     """
+    if not any(is_dtensor(t) for t in tensors.values()):
+        return
+    name = path if isinstance(path, str) else f"parameter {_tree.fmt(path)}"
     present = {role: t for role, t in tensors.items() if t is not None}
     kinds = {role: is_dtensor(t) for role, t in present.items()}
     if len(set(kinds.values())) > 1:
         sharded = sorted(r for r, k in kinds.items() if k)
         plain = sorted(r for r, k in kinds.items() if not k)
         raise TypeError(
-            f"{owner}: parameter {_tree.fmt(path)} mixes DTensors ({', '.join(sharded)}) with plain "
+            f"{owner}: {name} mixes DTensors ({', '.join(sharded)}) with plain "
             f"tensors ({', '.join(plain)}); a parameter's value, gradient and optimizer state must "
             "all be DTensors (sharded, e.g. by fully_shard) or all plain tensors: create the "
             "optimizer state after sharding the model"
@@ -67,7 +71,7 @@ def check_same_kind(owner: str, path: _tree.Path, **tensors: Optional[torch.Tens
     meshes = {role: t.device_mesh for role, t in present.items() if is_dtensor(t)}
     if any(m != next(iter(meshes.values())) for m in meshes.values()):
         raise ValueError(
-            f"{owner}: parameter {_tree.fmt(path)} has DTensors on different device meshes: "
+            f"{owner}: {name} has DTensors on different device meshes: "
             + ", ".join(f"{r}: {m}" for r, m in meshes.items())
         )
 
@@ -233,20 +237,21 @@ def sm3_apply_any_(
     beta: float,
     eps: float,
     block_elements: int = BLOCK_ELEMENTS,
-    names: Optional[Sequence[str]] = None,
 ) -> None:
     """:func:`sm3fn._inplace.sm3_apply_` for plain tensors and DTensors alike.
 
     DTensors are updated through their local shards; the accumulators of
     unsharded dims then hold local maxima and are all-reduced in one
-    collective per process group.  ``names`` (one per parameter) name the
-    parameter in errors.
+    collective per process group.  Each parameter's tensors must all be
+    DTensors or all plain (check with :func:`check_same_kind` first, before
+    anything changes).
     """
+    if not any(is_dtensor(p) for p in params):
+        return sm3_apply_(params, grads, accumulators, momentum_buffers, lr=lr, momentum=momentum,
+                          beta=beta, eps=eps, block_elements=block_elements)
     reducer = MaxReducer()
     local_p, local_g, local_a, local_m = [], [], [], []
-    for j, (p, g, accs, m) in enumerate(zip(params, grads, accumulators, momentum_buffers)):
-        path = (names[j],) if names is not None else (f"#{j}",)
-        check_same_kind("SM3", path, param=p, grad=g, momentum_buffer=m, **{f"accumulator_{i}": a for i, a in enumerate(accs)})
+    for p, g, accs, m in zip(params, grads, accumulators, momentum_buffers):
         if not is_dtensor(p):
             local_p.append(p), local_g.append(g), local_a.append(list(accs)), local_m.append(m)
             continue
@@ -258,7 +263,7 @@ def sm3_apply_any_(
         local_a.append([a.to_local() for a in accs])
         local_m.append(None if m is None else m.to_local())
         for i, a in enumerate(local_a[-1]):
-            for mesh_dim in _mesh_dims_to_reduce(p.placements, ndim, i, "SM3", path):
+            for mesh_dim in _mesh_dims_to_reduce(p.placements, ndim, i, "SM3", ()):
                 reducer.add(a, p.device_mesh.get_group(mesh_dim))
     sm3_apply_(local_p, local_g, local_a, local_m, lr=lr, momentum=momentum, beta=beta, eps=eps,
                block_elements=block_elements)

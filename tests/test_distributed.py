@@ -67,6 +67,17 @@ def _reference_grads(model, params, step, world_size):
     return torch.func.grad(loss)(params)
 
 
+def _unsharded_run(model, momentum, beta, world_size, steps=STEPS):
+    """The single-process run: ``model``'s parameters after ``steps`` functional SM3 steps."""
+    tx = sm3fn.sm3(LR, momentum=momentum, beta=beta)
+    params = {k: p.detach().clone() for k, p in model.named_parameters()}
+    state = tx.init(params)
+    for step in range(steps):
+        updates, state = tx.update(_reference_grads(model, params, step, world_size), state)
+        params = sm3fn.apply_updates(params, updates)
+    return params, state
+
+
 def _full(t):
     return t.full_tensor() if isinstance(t, torch.distributed.tensor.DTensor) else t
 
@@ -227,3 +238,199 @@ def _mixed(rank, world_size):
 
 def test_mixing_plain_tensors_and_dtensors_names_the_parameter(ranks):
     ranks.run(_mixed)
+
+
+# --------------------------------------------------------------------------- FSDP2, sm3fn.optim.SM3
+
+
+def _fsdp_adapter(rank, world_size, momentum, beta):
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Replicate, Shard
+
+    torch.manual_seed(0)
+    ref_model = Toy()
+    model = copy.deepcopy(ref_model)
+    fully_shard(model)
+    opt = sm3fn.optim.SM3(model.parameters(), lr=LR, momentum=momentum, beta=beta)
+    for step in range(STEPS):
+        x, y = _batches(step, world_size)[rank]
+        model(x, y).backward()
+        opt.step()
+        opt.zero_grad()
+    ref_params, ref_state = _unsharded_run(ref_model, momentum, beta, world_size)
+    for k, p in model.named_parameters():
+        diff = (p.full_tensor() - ref_params[k]).abs().max().item()
+        assert diff < 1e-5, (k, diff)
+        state = opt.state[p]
+        assert set(state) == {"step", *ref_state["sm3", k].keys(), *(["momentum_buffer"] if momentum else [])}
+        for name in ref_state["sm3", k].keys():
+            assert not any(pl.is_partial() for pl in state[name].placements)
+            torch.testing.assert_close(state[name].full_tensor(), ref_state["sm3", k, name], rtol=1e-5, atol=1e-7)
+        if momentum:
+            torch.testing.assert_close(state["momentum_buffer"].full_tensor(), ref_state["momentum", k], rtol=1e-5, atol=1e-6)
+    state = opt.state[model.w]
+    assert state["accumulator_0"].placements == (Shard(0),) and state["accumulator_1"].placements == (Replicate(),)
+
+
+@pytest.mark.parametrize("momentum,beta", [(0.0, 0.0), (0.9, 0.5)])
+def test_fsdp2_optimizer_matches_unsharded(ranks, momentum, beta):
+    ranks.run(_fsdp_adapter, momentum, beta)
+
+
+def _adapter_mixed(rank, world_size):
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    plain = Toy()
+    plain_opt = sm3fn.optim.SM3(plain.parameters(), lr=LR)
+    plain(*_batches(0, world_size)[rank]).backward()
+    plain_opt.step()
+    model = copy.deepcopy(plain)
+    fully_shard(model)
+    opt = sm3fn.optim.SM3(model.named_parameters(), lr=LR)
+    opt.load_state_dict(plain_opt.state_dict())  # an unsharded checkpoint into a sharded model
+    model(*_batches(1, world_size)[rank]).backward()
+    before = {k: p.full_tensor() for k, p in model.named_parameters()}
+    with pytest.raises(TypeError, match=r"SM3: parameter 0 \('w'\) of shape \(5, 3\) mixes DTensors \(grad, param\) "
+                       r"with plain tensors \(accumulator_0, accumulator_1\)"):
+        opt.step()
+    for k, p in model.named_parameters():
+        assert torch.equal(p.full_tensor(), before[k]), "a rejected step must not move any parameter"
+
+
+def test_optimizer_mixing_plain_state_and_dtensors_names_the_parameter(ranks):
+    ranks.run(_adapter_mixed)
+
+
+# --------------------------------------------------------------------------- DDP
+
+
+def _ddp(rank, world_size, momentum):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.manual_seed(0)
+    ref_model = Toy()
+    model = DDP(copy.deepcopy(ref_model))
+    opt = sm3fn.optim.SM3(model.parameters(), lr=LR, momentum=momentum)
+    for step in range(STEPS):
+        x, y = _batches(step, world_size)[rank]
+        model(x, y).backward()  # DDP averages the gradients over the ranks
+        opt.step()
+        opt.zero_grad()
+    mine = torch.cat([p.detach().reshape(-1) for p in model.module.parameters()])
+    everyone = [torch.empty_like(mine) for _ in range(world_size)]
+    dist.all_gather(everyone, mine)
+    for r, theirs in enumerate(everyone):
+        assert torch.equal(theirs, mine), f"rank {r} holds other parameters than rank {rank}"
+    ref_params, _ = _unsharded_run(ref_model, momentum, 0.0, world_size)
+    for k, p in model.module.named_parameters():
+        assert (p.detach() - ref_params[k]).abs().max() < 1e-5, k
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_ddp_parameters_identical_on_every_rank(ranks, momentum):
+    ranks.run(_ddp, momentum)
+
+
+# --------------------------------------------------------------------------- torch.distributed.checkpoint
+
+
+def _train(model, opt, rank, world_size, steps):
+    for step in steps:
+        x, y = _batches(step, world_size)[rank]
+        model(x, y).backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def _dcp_optimizer(rank, world_size, path):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.fsdp import fully_shard
+
+    def sharded(seed):
+        torch.manual_seed(seed)
+        model = Toy()
+        fully_shard(model)
+        return model, sm3fn.optim.SM3(model.parameters(), lr=LR, momentum=0.9)
+
+    model, opt = sharded(0)
+    _train(model, opt, rank, world_size, range(3))
+    model_sd, optim_sd = get_state_dict(model, opt)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
+
+    resumed, resumed_opt = sharded(1)  # other initial values: all must come from the checkpoint
+    model_sd, optim_sd = get_state_dict(resumed, resumed_opt)
+    sd = {"model": model_sd, "optim": optim_sd}
+    dcp.load(sd, checkpoint_id=path)
+    set_state_dict(resumed, resumed_opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+    for p, q in zip(model.parameters(), resumed.parameters()):
+        assert q.placements == p.placements
+        for name, value in opt.state[p].items():
+            loaded = resumed_opt.state[q][name]
+            if name != "step":
+                assert loaded.placements == value.placements, name
+            assert torch.equal(_full(loaded), _full(value)), name
+
+    _train(model, opt, rank, world_size, range(3, STEPS + 1))
+    _train(resumed, resumed_opt, rank, world_size, range(3, STEPS + 1))
+    for (k, p), q in zip(model.named_parameters(), resumed.parameters()):
+        assert torch.equal(p.full_tensor(), q.full_tensor()), k
+        assert torch.equal(_full(opt.state[p]["accumulator_0"]), _full(resumed_opt.state[q]["accumulator_0"]))
+        assert int(resumed_opt.state[q]["step"]) == STEPS + 1
+
+
+def test_dcp_optimizer_state_resumes_the_same_trajectory(ranks, tmp_path):
+    ranks.run(_dcp_optimizer, str(tmp_path / "ckpt"))
+
+
+def _dcp_functional(rank, world_size, path):
+    import torch.distributed.checkpoint as dcp
+    from tensordict import TensorDict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world_size,))
+    gen = torch.Generator().manual_seed(5)
+    shapes = {"w": (5, 3), "t": (3, 4, 2), "b": (3,)}
+    params = {k: distribute_tensor(torch.randn(s, generator=gen), mesh, [Shard(0)]) for k, s in shapes.items()}
+    grads = [{k: distribute_tensor(torch.randn(s, generator=gen), mesh, [Shard(0)]) for k, s in shapes.items()}
+             for _ in range(STEPS)]
+    tx = sm3fn.sm3(lambda count: LR * 0.8**count, momentum=0.9)  # the schedule's count is state too
+
+    def steps(params, state, todo):
+        for g in todo:
+            updates, state = tx.update(g, state, params)
+            params = sm3fn.apply_updates(params, updates)
+        return params, state
+
+    params, state = steps(params, tx.init(params), grads[:2])
+    dcp.save({"params": params, "state": state.to_dict()}, checkpoint_id=path)
+
+    fresh = {k: torch.zeros_like(v) for k, v in params.items()}
+    sd = {"params": fresh, "state": tx.init(fresh).to_dict()}
+    dcp.load(sd, checkpoint_id=path)  # in place, into the DTensors' local shards
+    loaded_state = TensorDict(sd["state"], batch_size=[])
+    _assert_no_partial(loaded_state)
+    _assert_same_state(loaded_state, state)
+    assert int(loaded_state["learning_rate", "count"]) == 2
+
+    params, state = steps(params, state, grads[2:])
+    resumed, resumed_state = steps(sd["params"], loaded_state, grads[2:])
+    for k in shapes:
+        assert torch.equal(params[k].full_tensor(), resumed[k].full_tensor()), k
+    _assert_same_state(resumed_state, state)
+
+
+def _assert_same_state(got, expected):
+    got = dict(got.items(include_nested=True, leaves_only=True))
+    expected = dict(expected.items(include_nested=True, leaves_only=True))
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        if isinstance(value, torch.distributed.tensor.DTensor):
+            assert got[key].placements == value.placements, key
+        assert torch.equal(_full(got[key]), _full(value)), key
+
+
+def test_dcp_functional_state_resumes_the_same_trajectory(ranks, tmp_path):
+    ranks.run(_dcp_functional, str(tmp_path / "ckpt"))

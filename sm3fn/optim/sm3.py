@@ -21,8 +21,7 @@ from typing import Any, Callable, Mapping, Optional
 
 import torch
 
-from sm3fn import _checks
-from sm3fn._inplace import sm3_apply_
+from sm3fn import _checks, _sharded
 from sm3fn.alias import sm3 as sm3_tx
 from sm3fn.optim.functional import PARAM, FunctionalOptimizer, Template, param_key
 
@@ -151,6 +150,11 @@ class SM3(FunctionalOptimizer):
                         f"{self._describe_param(group, p, index[id(p)])} has dtype {p.dtype} and gradient "
                         f"dtype {g.dtype}; SM3 optimizes real floating-point tensors only"
                     )
+                state = self.state.get(p, {})
+                _sharded.check_same_kind(
+                    "SM3", self._describe_param(group, p, index[id(p)]), param=p, grad=g,
+                    **{k: v for k, v in state.items() if k != STEP and isinstance(v, torch.Tensor)},
+                )
             if params:
                 work.append((group, params))
         # 2. state for new parameters (and a momentum buffer once momentum > 0), from tx.init
@@ -174,7 +178,7 @@ class SM3(FunctionalOptimizer):
         for group, params in work:
             momentum = group["momentum"]
             states = [self.state[p] for p in params]
-            sm3_apply_(
+            _sharded.sm3_apply_any_(  # DTensors (FSDP2): local shards + one all_reduce
                 params,
                 [p.grad for p in params],
                 [_accumulators(s, p) for s, p in zip(states, params)],

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from sm3fn import _tree
-from sm3fn._inplace import BLOCK_ELEMENTS, sm3_apply_
+from sm3fn._inplace import sm3_apply_
 from sm3fn._sm3_math import Scalar, accumulator_shapes, init_accumulators, sm3_block
 
 try:
@@ -231,14 +231,9 @@ def sm3_apply_any_(
     grads: Sequence[torch.Tensor],
     accumulators: Sequence[Sequence[torch.Tensor]],
     momentum_buffers: Sequence[Optional[torch.Tensor]],
-    *,
-    lr: float,
-    momentum: float,
-    beta: float,
-    eps: float,
-    block_elements: int = BLOCK_ELEMENTS,
+    **options,
 ) -> None:
-    """:func:`sm3fn._inplace.sm3_apply_` for plain tensors and DTensors alike.
+    """:func:`sm3fn._inplace.sm3_apply_` (``options``: its keyword arguments) for plain tensors and DTensors.
 
     DTensors are updated through their local shards; the accumulators of
     unsharded dims then hold local maxima and are all-reduced in one
@@ -247,8 +242,7 @@ def sm3_apply_any_(
     anything changes).
     """
     if not any(is_dtensor(p) for p in params):
-        return sm3_apply_(params, grads, accumulators, momentum_buffers, lr=lr, momentum=momentum,
-                          beta=beta, eps=eps, block_elements=block_elements)
+        return sm3_apply_(params, grads, accumulators, momentum_buffers, **options)
     reducer = MaxReducer()
     local_p, local_g, local_a, local_m = [], [], [], []
     for p, g, accs, m in zip(params, grads, accumulators, momentum_buffers):
@@ -258,13 +252,20 @@ def sm3_apply_any_(
         ndim = p.dim()
         if tuple(g.placements) != tuple(p.placements):
             g = g.redistribute(p.device_mesh, p.placements)
-        local_p.append(p.to_local())
-        local_g.append(g.to_local())
-        local_a.append([a.to_local() for a in accs])
-        local_m.append(None if m is None else m.to_local())
-        for i, a in enumerate(local_a[-1]):
+        accs = [a.to_local() for a in accs]
+        for i, a in enumerate(accs):
             for mesh_dim in _mesh_dims_to_reduce(p.placements, ndim, i, "SM3", ()):
                 reducer.add(a, p.device_mesh.get_group(mesh_dim))
-    sm3_apply_(local_p, local_g, local_a, local_m, lr=lr, momentum=momentum, beta=beta, eps=eps,
-               block_elements=block_elements)
+        if ndim >= 2 and p.to_local().numel() == 0:
+            # an empty shard (uneven sharding) has no rows to step; it adds the
+            # neutral 0 (nu >= 0) to the maxima of the other dims
+            for a in accs:
+                a.zero_()
+            continue
+        local_p.append(p.to_local())
+        local_g.append(g.to_local())
+        local_a.append(accs)
+        local_m.append(None if m is None else m.to_local())
+    if local_p:
+        sm3_apply_(local_p, local_g, local_a, local_m, **options)
     reducer.flush()

@@ -434,3 +434,45 @@ def _assert_same_state(got, expected):
 
 def test_dcp_functional_state_resumes_the_same_trajectory(ranks, tmp_path):
     ranks.run(_dcp_functional, str(tmp_path / "ckpt"))
+
+
+# --------------------------------------------------------------------------- communication per step
+
+
+def _collectives(rank, world_size):
+    from unittest import mock
+
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    torch.manual_seed(0)
+    model = Toy()
+    fully_shard(model)
+    model(*_batches(0, world_size)[rank]).backward()
+    # one all_reduce(MAX) carrying, per sharded parameter of >= 2 dims, n_i of every unsharded dim i
+    payload = sum(sum(p.shape[1:]) for p in model.parameters() if p.dim() >= 2)
+    assert payload == 3 + (4 + 3) + 3
+
+    opt = sm3fn.optim.SM3(model.parameters(), lr=LR, momentum=0.9)
+    tx = sm3fn.sm3(LR, momentum=0.9)
+    params = {k: p.detach() for k, p in model.named_parameters()}
+    state = tx.init(params)
+    for label, step in [
+        ("sm3fn.optim.SM3", opt.step),
+        ("sm3fn.sm3", lambda: tx.update({k: p.grad for k, p in model.named_parameters()}, state)),
+    ]:
+        sizes = []
+        real = dist.all_reduce
+
+        def recording(tensor, *args, **kwargs):
+            sizes.append(tensor.numel())
+            return real(tensor, *args, **kwargs)
+
+        with CommDebugMode() as comm, mock.patch.object(dist, "all_reduce", recording):
+            step()
+        assert comm.get_total_counts() == 1, (label, comm.get_comm_counts())
+        assert sizes == [payload], (label, sizes)
+
+
+def test_one_all_reduce_per_step(ranks):
+    ranks.run(_collectives)

@@ -137,6 +137,8 @@ def test_checks_and_a_failed_step_change_nothing():
     with pytest.raises(TypeError, match="must return a GradientTransformation"):
         p.grad = torch.ones(3, 2)
         FunctionalOptimizer([p], lambda lr: None, lr=0.1).step()
+    with pytest.raises(ValueError, match="learning_rate"):  # a factory's checks run per group, at once
+        FunctionalOptimizer([p], lambda lr: sm3fn.sm3(lr), lr=-1.0)
     q = torch.nn.Parameter(torch.randn(5))
     opt = FunctionalOptimizer([{"params": [p]}, {"params": [q]}], lambda lr: sm3fn.sm3(lr), lr=0.1)
     p.grad, q.grad = torch.randn(3, 2), torch.randn(5)

@@ -90,7 +90,27 @@ def test_matches_torch_sm3_on_a_model_with_a_scheduler(dtype, tol, momentum):
             assert "momentum_buffer" not in ours_state  # torch-SM3 keeps the float 0. here
 
 
-# -- the float64 reference: shapes, param groups, beta > 0, momentum ---------------------
+# -- the float64 reference: a model, shapes, param groups, beta > 0, momentum -----------
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_model_with_scheduler_matches_reference(momentum):
+    model = make_model()
+    opt = SM3(model.parameters(), lr=0.05, momentum=momentum)
+    lam = seed_lambda(warm_up=2, total=6)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lam)
+    refs = [ReferenceSM3(p.detach().numpy(), momentum=momentum) for p in model.parameters()]
+    for t, (x, y) in enumerate(batches(6)):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        for p, ref in zip(model.parameters(), refs):
+            ref.lr = 0.05 * lam(t)
+            ref.step(p.grad.numpy())  # the same gradient: the parameters agreed so far
+        opt.step()
+        sched.step()
+        for p, ref in zip(model.parameters(), refs):
+            np.testing.assert_allclose(p.detach().numpy(), ref.p, rtol=1e-11, atol=1e-13)
+
 
 SHAPES = [(), (7,), (6, 5), (3, 4, 2), (1, 9)]
 
@@ -235,6 +255,15 @@ def test_frozen_parameters_are_skipped():
         train(their_model, TorchSM3(their_model.parameters()), batches(1))
 
 
+def test_empty_parameters_are_skipped():
+    empty, w = torch.nn.Parameter(torch.zeros(0, 3)), torch.nn.Parameter(torch.randn(2, 3))
+    opt = SM3([empty, w])
+    empty.grad, w.grad = torch.zeros(0, 3), torch.randn(2, 3)
+    before = w.detach().clone()
+    opt.step()
+    assert empty not in opt.state and not torch.equal(w, before)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision_zero_gradient_gives_no_nan(dtype):
     torch.manual_seed(0)
@@ -347,13 +376,15 @@ def test_bad_hyperparameter_at_step_changes_nothing():
 
 
 def test_sparse_gradient_is_refused_clearly():
-    # hook point for the sparse kernel: until it is wired in, a clear TypeError
-    emb = torch.nn.Embedding(10, 3, sparse=True)
-    opt = SM3(emb.parameters())
-    emb(torch.tensor([1, 2])).sum().backward()
-    with pytest.raises(TypeError, match="parameter 0 of shape \\(10, 3\\).*sparse"):
+    # hook point for the sparse kernel (SM3._check_sparse / _sparse_step_): until it is
+    # wired in, a clear TypeError, raised before the dense parameters move
+    emb, lin = torch.nn.Embedding(10, 3, sparse=True), torch.nn.Linear(3, 2)
+    opt = SM3([{"params": lin.parameters()}, {"params": emb.parameters()}])
+    lin(emb(torch.tensor([1, 2]))).sum().backward()
+    before = lin.weight.detach().clone()
+    with pytest.raises(TypeError, match="parameter 2 of shape \\(10, 3\\).*sparse"):
         opt.step()
-    assert not opt.state
+    assert not opt.state and torch.equal(lin.weight, before)
 
 
 # -- checkpoints ------------------------------------------------------------------------
@@ -482,3 +513,20 @@ def test_load_state_dict_mismatch_raises_and_changes_nothing():
         opt.load_state_dict(other_opt.state_dict())
     _assert_unchanged(opt, snapshot)
     opt.load_state_dict(good)  # and the good one still loads
+
+
+def test_deepcopy_and_pickle_keep_the_options():
+    import copy
+    import pickle
+
+    model = make_model(torch.float32)
+    opt = SM3(model.parameters(), momentum=0.9, accumulator_dtype=torch.float64)
+    train(model, opt, batches(1, torch.float32))
+    for clone in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        assert clone.accumulator_dtype == torch.float64
+        params = [p for g in clone.param_groups for p in g["params"]]
+        for p, q in zip(params, model.parameters()):
+            p.grad = q.grad.clone()
+        clone.step()
+        assert all(int(clone.state[p]["step"]) == 2 for p in params)
+        assert clone.state[params[0]]["accumulator_0"].dtype == torch.float64

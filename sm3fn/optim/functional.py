@@ -135,6 +135,12 @@ class FunctionalOptimizer(torch.optim.Optimizer):
         self._hyperparameters = tuple(defaults)
         super().__init__(params, defaults)
 
+    #: attributes that pickling and ``copy.deepcopy`` keep (torch.optim keeps only its own)
+    _PICKLED = ("_tx", "_hyperparameters")
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**super().__getstate__(), **{k: self.__dict__[k] for k in self._PICKLED}}
+
     # -- hooks that subclasses override -------------------------------------------------
 
     def _check_group(self, group: Mapping[str, Any]) -> None:
@@ -156,6 +162,7 @@ class FunctionalOptimizer(torch.optim.Optimizer):
         super().add_param_group(param_group)
         try:
             self._check_group(self.param_groups[-1])
+            self._transform(self.param_groups[-1])  # a factory checks its hyperparameters now
         except Exception:
             self.param_groups.pop()
             raise
@@ -179,11 +186,7 @@ class FunctionalOptimizer(torch.optim.Optimizer):
         """``tx.init`` of ``params`` (key -> tensor), as per-parameter state dicts."""
         if not params:
             return {}
-        per_param, group = split_state(tx.init(dict(params)), params)
-        return {
-            k: {self._state_key(t): v for t, v in itertools.chain(per_param.get(k, {}).items(), group.items())}
-            for k in params
-        }
+        return self._named_state(tx.init(dict(params)), params)
 
     def _gather(self, tx: GradientTransformation, states: Mapping[str, Mapping[str, Any]]) -> TensorDictBase:
         """The transform's state, rebuilt from per-parameter state dicts."""
@@ -201,12 +204,15 @@ class FunctionalOptimizer(torch.optim.Optimizer):
                     have_group.add(template)
         return state
 
-    def _scatter(self, new_state: TensorDictBase, params: Mapping[str, torch.Tensor]) -> None:
+    def _named_state(
+        self, new_state: TensorDictBase, params: Mapping[str, torch.Tensor]
+    ) -> dict[str, dict[str, torch.Tensor]]:
+        """``new_state`` as the per-parameter state dicts of ``params`` (group entries in each)."""
         per_param, group = split_state(new_state, params)
-        for key, p in params.items():
-            entries = self.state[p]
-            for template, value in itertools.chain(per_param.get(key, {}).items(), group.items()):
-                entries[self._state_key(template)] = value
+        return {
+            key: {self._state_key(t): v for t, v in itertools.chain(per_param.get(key, {}).items(), group.items())}
+            for key in params
+        }
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None):
@@ -234,13 +240,13 @@ class FunctionalOptimizer(torch.optim.Optimizer):
             params = {k: p.detach() for k, p in live.items()}
             grads = {k: p.grad for k, p in live.items()}
             updates, new_state = tx.update(grads, self._gather(tx, states), params)
-            plans.append((live, params, updates, new_state))
-        for live, params, updates, new_state in plans:
-            new_params = apply_updates(params, updates)
+            moved = {k for k, u in updates.items() if u is not None}
+            plans.append((live, moved, apply_updates(params, updates), self._named_state(new_state, live)))
+        for live, moved, new_params, new_states in plans:  # commit
             for k, p in live.items():
-                if updates.get(k) is not None:
+                if k in moved:
                     p.copy_(new_params[k])
-            self._scatter(new_state, live)
+                self.state[p].update(new_states[k])
         return loss
 
     # -- checkpoints --------------------------------------------------------------------

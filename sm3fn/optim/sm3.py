@@ -16,6 +16,7 @@ Per-parameter state, as in torch-SM3 (so its checkpoints load here):
 
 from __future__ import annotations
 
+import functools
 import numbers
 from typing import Any, Callable, Mapping, Optional
 
@@ -31,6 +32,11 @@ ACCUMULATOR = "accumulator_"
 
 # where each entry of sm3fn.sm3's state lives (see sm3fn.alias.sm3)
 _SM3_STAGE, _MOMENTUM_STAGE = "sm3", "momentum"
+
+
+def _transform(lr, momentum, beta, eps, *, accumulator_dtype, momentum_dtype):
+    """A group's ``sm3fn.sm3`` (module level, so that the optimizer pickles)."""
+    return sm3_tx(lr, momentum, beta, eps, accumulator_dtype=accumulator_dtype, momentum_dtype=momentum_dtype)
 
 
 def _accumulators(state: Mapping[str, Any], p: torch.Tensor) -> list[torch.Tensor]:
@@ -86,13 +92,12 @@ class SM3(FunctionalOptimizer):
         self.momentum_dtype = momentum_dtype
         self._check_group({"lr": lr, "momentum": momentum, "beta": beta, "eps": eps})
 
-        def tx(lr, momentum, beta, eps):
-            return sm3_tx(lr, momentum, beta, eps, accumulator_dtype=accumulator_dtype,
-                          momentum_dtype=momentum_dtype)
-
+        tx = functools.partial(_transform, accumulator_dtype=accumulator_dtype, momentum_dtype=momentum_dtype)
         super().__init__(params, tx, lr=lr, momentum=momentum, beta=beta, eps=eps)
 
     # -- torch-SM3's names for sm3fn.sm3's state ------------------------------------------
+
+    _PICKLED = FunctionalOptimizer._PICKLED + ("accumulator_dtype", "momentum_dtype")
 
     def _check_group(self, group: Mapping[str, Any]) -> None:
         # torch-SM3's checks, plus: real numbers only (the fast path takes floats)
@@ -120,8 +125,25 @@ class SM3(FunctionalOptimizer):
 
     def _describe_param(self, group: Mapping[str, Any], p: torch.Tensor, index: int) -> str:
         names = group.get("param_names")
-        name = f" ({names[group['params'].index(p)]!r})" if names else ""
+        position = next(i for i, q in enumerate(group["params"]) if q is p)  # not list.index: tensor ==
+        name = f" ({names[position]!r})" if names else ""
         return f"parameter {index}{name} of shape {tuple(p.shape)}"
+
+    # Sparse gradients (nn.Embedding(sparse=True)) -- the hook points.  The sparse
+    # kernel replaces these two methods: the check runs with the dense checks,
+    # before anything changes; the step runs after the dense step.
+
+    def _check_sparse(self, group: Mapping[str, Any], params: list, index: Mapping[int, int]) -> None:
+        """Checks the parameters of ``group`` whose gradient is sparse; raises to refuse them."""
+        p = params[0]
+        raise TypeError(
+            f"{self._describe_param(group, p, index[id(p)])} has a {p.grad.layout} gradient; "
+            "sm3fn.optim.SM3 does not take sparse gradients yet"
+        )
+
+    def _sparse_step_(self, group: Mapping[str, Any], params: list, index: Mapping[int, int]) -> None:
+        """One SM3 step, in place, on the parameters of ``group`` whose gradient is sparse."""
+        raise NotImplementedError("sparse gradients")  # unreachable: _check_sparse refused them
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None):
@@ -131,20 +153,15 @@ class SM3(FunctionalOptimizer):
             with torch.enable_grad():
                 loss = closure()
         index = self._index()
-        work = []
+        work = []  # (group, params with a dense gradient, params with a sparse one)
         # 1. check everything, so that a bad group or gradient changes nothing
         for group in self.param_groups:
             self._check_group(group)
-            params = [p for p in group["params"] if p.grad is not None]  # .grad None: frozen, skipped
-            for p in params:
+            dense, sparse = [], []
+            for p in group["params"]:
                 g = p.grad
-                if g.layout != torch.strided:
-                    # Hook for sparse gradients (nn.Embedding(sparse=True)): the sparse
-                    # kernel is wired in here; until then they are refused.
-                    raise TypeError(
-                        f"{self._describe_param(group, p, index[id(p)])} has a {g.layout} gradient; "
-                        "sm3fn.optim.SM3 does not take sparse gradients yet"
-                    )
+                if g is None or p.numel() == 0:  # frozen, or nothing to update: skipped
+                    continue
                 if not p.is_floating_point() or not g.is_floating_point():
                     raise TypeError(
                         f"{self._describe_param(group, p, index[id(p)])} has dtype {p.dtype} and gradient "
@@ -155,10 +172,13 @@ class SM3(FunctionalOptimizer):
                     "SM3", self._describe_param(group, p, index[id(p)]), param=p, grad=g,
                     **{k: v for k, v in state.items() if k != STEP and isinstance(v, torch.Tensor)},
                 )
-            if params:
-                work.append((group, params))
+                (dense if g.layout == torch.strided else sparse).append(p)
+            if sparse:
+                self._check_sparse(group, sparse, index)
+            if dense or sparse:
+                work.append((group, dense, sparse))
         # 2. state for new parameters (and a momentum buffer once momentum > 0), from tx.init
-        for group, params in work:
+        for group, params, _ in work:
             with_momentum = group["momentum"] > 0
             needs = {
                 param_key(index[id(p)]): p
@@ -166,16 +186,17 @@ class SM3(FunctionalOptimizer):
                 if f"{ACCUMULATOR}0" not in self.state.get(p, {})
                 or (with_momentum and not isinstance(self.state[p].get(MOMENTUM_BUFFER), torch.Tensor))
             }
+            if not needs:
+                continue
             fresh = self._fresh_state(self._transform(group), {k: p.detach() for k, p in needs.items()})
             for key, p in needs.items():
                 state = self.state[p]
                 for name, value in fresh[key].items():
                     if not isinstance(state.get(name), torch.Tensor):
                         state[name] = value
-                if STEP not in state:
-                    state[STEP] = torch.zeros((), dtype=torch.int64)
+                state.setdefault(STEP, torch.zeros((), dtype=torch.int64))
         # 3. the in-place step
-        for group, params in work:
+        for group, params, sparse in work:
             momentum = group["momentum"]
             states = [self.state[p] for p in params]
             _sharded.sm3_apply_any_(  # DTensors (FSDP2): local shards + one all_reduce
@@ -190,6 +211,8 @@ class SM3(FunctionalOptimizer):
             )
             for s in states:
                 s[STEP] += 1
+            if sparse:
+                self._sparse_step_(group, sparse, index)
         return loss
 
     # -- checkpoints -------------------------------------------------------------------

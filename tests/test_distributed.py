@@ -243,7 +243,7 @@ def test_mixing_plain_tensors_and_dtensors_names_the_parameter(ranks):
 # --------------------------------------------------------------------------- FSDP2, sm3fn.optim.SM3
 
 
-def _fsdp_adapter(rank, world_size, momentum, beta):
+def _fsdp_adapter(rank, world_size, momentum, beta, generic=False):
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import Replicate, Shard
 
@@ -251,7 +251,15 @@ def _fsdp_adapter(rank, world_size, momentum, beta):
     ref_model = Toy()
     model = copy.deepcopy(ref_model)
     fully_shard(model)
-    opt = sm3fn.optim.SM3(model.parameters(), lr=LR, momentum=momentum, beta=beta)
+    if generic:  # the functional path inside torch.optim, state under FunctionalOptimizer's names
+        opt = sm3fn.optim.FunctionalOptimizer(
+            model.parameters(), lambda lr: sm3fn.sm3(lr, momentum=momentum, beta=beta), lr=LR
+        )
+        names = {"accumulator_0": "sm3.*.accumulator_0", "accumulator_1": "sm3.*.accumulator_1",
+                 "accumulator_2": "sm3.*.accumulator_2", "momentum_buffer": "momentum.*", "step": "step"}
+    else:
+        opt = sm3fn.optim.SM3(model.parameters(), lr=LR, momentum=momentum, beta=beta)
+        names = {}
     for step in range(STEPS):
         x, y = _batches(step, world_size)[rank]
         model(x, y).backward()
@@ -261,20 +269,27 @@ def _fsdp_adapter(rank, world_size, momentum, beta):
     for k, p in model.named_parameters():
         diff = (p.full_tensor() - ref_params[k]).abs().max().item()
         assert diff < 1e-5, (k, diff)
-        state = opt.state[p]
-        assert set(state) == {"step", *ref_state["sm3", k].keys(), *(["momentum_buffer"] if momentum else [])}
+        state = {n: opt.state[p][names.get(n, n)] for n in (*ref_state["sm3", k].keys(), "momentum_buffer")
+                 if names.get(n, n) in opt.state[p]}
+        if not generic:
+            assert set(opt.state[p]) == {"step", *ref_state["sm3", k].keys(), *(["momentum_buffer"] if momentum else [])}
         for name in ref_state["sm3", k].keys():
             assert not any(pl.is_partial() for pl in state[name].placements)
             torch.testing.assert_close(state[name].full_tensor(), ref_state["sm3", k, name], rtol=1e-5, atol=1e-7)
         if momentum:
             torch.testing.assert_close(state["momentum_buffer"].full_tensor(), ref_state["momentum", k], rtol=1e-5, atol=1e-6)
     state = opt.state[model.w]
-    assert state["accumulator_0"].placements == (Shard(0),) and state["accumulator_1"].placements == (Replicate(),)
+    assert state[names.get("accumulator_0", "accumulator_0")].placements == (Shard(0),)
+    assert state[names.get("accumulator_1", "accumulator_1")].placements == (Replicate(),)
 
 
 @pytest.mark.parametrize("momentum,beta", [(0.0, 0.0), (0.9, 0.5)])
 def test_fsdp2_optimizer_matches_unsharded(ranks, momentum, beta):
     ranks.run(_fsdp_adapter, momentum, beta)
+
+
+def test_fsdp2_functional_optimizer_matches_unsharded(ranks):
+    ranks.run(_fsdp_adapter, 0.9, 0.0, True)
 
 
 def _adapter_mixed(rank, world_size):
@@ -476,3 +491,30 @@ def _collectives(rank, world_size):
 
 def test_one_all_reduce_per_step(ranks):
     ranks.run(_collectives)
+
+
+# --------------------------------------------------------------------------- the example, through torchrun
+
+
+def test_fsdp_example_runs_under_torchrun():
+    import os
+    import subprocess
+    import sys
+
+    from distributed_harness import LOOPBACK, free_port
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo",
+               PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_addr", LOOPBACK, "--master_port", str(free_port()),
+           os.path.join(root, "examples", "fsdp_train.py"), "--steps", "12"]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    losses = [float(line.split("loss")[1]) for line in out.stdout.splitlines() if line.strip().startswith("SM3 step")]
+    assert len(losses) >= 2 and losses[-1] < losses[0], out.stdout
+    rows = [line.split() for line in out.stdout.splitlines() if line.split()[:1] in (["0"], ["1"])]
+    assert len(rows) == 2, out.stdout
+    for rank, params, accs, sm3_total, adam, ratio in rows:
+        # the accumulators are a few percent of the parameters; Adam keeps two copies of them
+        assert float(accs) < 0.1 * float(params) and float(adam) >= 2 * float(params) - 1, rows

@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 
 from sm3fn import _checks
+from sm3fn._sparse import SparseSpec
 from sm3fn.base import GradientTransformation, ScalarOrSchedule
 from sm3fn.transforms.combine import named_chain
 from sm3fn.transforms.momentum import ema
@@ -22,6 +23,7 @@ def sm3(
     *,
     accumulator_dtype: Optional[torch.dtype] = None,
     momentum_dtype: Optional[torch.dtype] = None,
+    sparse: SparseSpec = None,
 ) -> GradientTransformation:
     """SM3-II with the seed's momentum and a learning rate.
 
@@ -38,6 +40,12 @@ def sm3(
       eps: added to the second moment under the square root, ``>= 0``.
       accumulator_dtype, momentum_dtype: dtypes of the statistics; default:
         the parameter's for float32/float64, float32 for narrower floats.
+      sparse: the parameters that get sparse gradients (e.g. from
+        ``nn.Embedding(sparse=True)``): dotted names or a predicate
+        ``name -> bool``.  They keep only the row accumulator, no momentum
+        buffer, and their sparse updates touch only the rows in the
+        gradient; momentum is not applied to them.  Undeclared parameters
+        accept sparse gradients too, but keep their full state.
 
     Example::
 
@@ -50,8 +58,8 @@ def sm3(
     _checks.check_scalar("momentum", momentum, 0.0, 1.0)
     _checks.check_scalar("beta", beta, 0.0, 1.0)
     _checks.check_scalar("eps", eps, 0.0)
-    stages = [("sm3", scale_by_sm3(beta, eps, accumulator_dtype))]
+    stages = [("sm3", scale_by_sm3(beta, eps, accumulator_dtype, sparse=sparse))]
     if isinstance(momentum, torch.Tensor) or momentum > 0:
-        stages.append(("momentum", ema(momentum, momentum_dtype)))
+        stages.append(("momentum", ema(momentum, momentum_dtype, sparse=sparse)))
     stages.append(("learning_rate", scale_by_learning_rate(learning_rate)))
     return named_chain(*stages)

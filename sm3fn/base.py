@@ -86,6 +86,8 @@ def apply_updates(params: Tree, updates: Tree) -> Tree:
     A parameter whose update is ``None`` or absent (a frozen parameter) comes
     back as it was.  An update for a key that ``params`` lacks, or of another
     shape, is a ``ValueError``.  The sum is taken in the parameter's dtype.
+    A sparse COO update (from a sparse gradient) adds to the rows it holds;
+    the result is dense and the other rows are copied bit for bit.
     """
     param_leaves = _tree.flatten(params, "params")
     update_leaves = _tree.flatten(updates, "updates")

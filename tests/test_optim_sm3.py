@@ -375,14 +375,17 @@ def test_bad_hyperparameter_at_step_changes_nothing():
     assert all(torch.equal(after[k], v) for k, v in state_before.items())
 
 
-def test_sparse_gradient_is_refused_clearly():
-    # hook point for the sparse kernel (SM3._check_sparse / _sparse_step_): until it is
-    # wired in, a clear TypeError, raised before the dense parameters move
+def test_bad_sparse_gradient_is_refused_clearly():
+    # SM3._check_sparse (the sparse kernel's check; tests/test_sparse_optim.py has the
+    # rest): a clear error, raised before the dense parameters move
     emb, lin = torch.nn.Embedding(10, 3, sparse=True), torch.nn.Linear(3, 2)
     opt = SM3([{"params": lin.parameters()}, {"params": emb.parameters()}])
     lin(emb(torch.tensor([1, 2]))).sum().backward()
+    emb.weight.grad = torch.sparse_coo_tensor(  # a sparse tensor with no sparse dim
+        torch.zeros(0, 1, dtype=torch.long), torch.randn(1, 10, 3), (10, 3), check_invariants=True
+    )
     before = lin.weight.detach().clone()
-    with pytest.raises(TypeError, match="parameter 2 of shape \\(10, 3\\).*sparse"):
+    with pytest.raises(ValueError, match="parameter 2 of shape \\(10, 3\\).*sparse"):
         opt.step()
     assert not opt.state and torch.equal(lin.weight, before)
 

@@ -12,6 +12,10 @@ Per-parameter state, as in torch-SM3 (so its checkpoints load here):
   ``n_i`` in dim ``i`` and 1 elsewhere (one full-size accumulator for 0-d/1-d);
 * ``momentum_buffer``: only while ``momentum > 0`` (torch-SM3 stores the
   float ``0.`` otherwise).
+
+A parameter whose first gradient is sparse (``nn.Embedding(sparse=True)``)
+keeps only ``accumulator_0``, shape ``(n_1, 1, ..., 1)``, and no momentum
+buffer (see :mod:`sm3fn._sparse`).
 """
 
 from __future__ import annotations
@@ -22,9 +26,10 @@ from typing import Any, Callable, Mapping, Optional
 
 import torch
 
-from sm3fn import _checks, _sharded
+from sm3fn import _checks, _sharded, _sparse
 from sm3fn.alias import sm3 as sm3_tx
 from sm3fn.optim.functional import PARAM, FunctionalOptimizer, Template, param_key
+from sm3fn.optim.functional import _describe as _describe_value
 
 STEP = "step"
 MOMENTUM_BUFFER = "momentum_buffer"
@@ -39,7 +44,14 @@ def _transform(lr, momentum, beta, eps, *, accumulator_dtype, momentum_dtype):
     return sm3_tx(lr, momentum, beta, eps, accumulator_dtype=accumulator_dtype, momentum_dtype=momentum_dtype)
 
 
+def _row_cover(state: Mapping[str, Any], p: torch.Tensor) -> bool:
+    """State made by a sparse gradient: the row accumulator of a parameter with 2+ dims only."""
+    return p.dim() >= 2 and f"{ACCUMULATOR}0" in state and f"{ACCUMULATOR}1" not in state
+
+
 def _accumulators(state: Mapping[str, Any], p: torch.Tensor) -> list[torch.Tensor]:
+    if _row_cover(state, p):
+        return [state[f"{ACCUMULATOR}0"]]
     return [state[f"{ACCUMULATOR}{i}"] for i in range(max(1, p.dim()))]
 
 
@@ -68,6 +80,17 @@ class SM3(FunctionalOptimizer):
       eps: added to ``nu`` under the square root, ``>= 0``.
       accumulator_dtype, momentum_dtype: dtypes of the statistics; default:
         the parameter's for float32/float64, float32 for bfloat16/float16.
+
+    Sparse gradients (``nn.Embedding(sparse=True)``, ``nn.EmbeddingBag(sparse=True)``,
+    any ``torch.sparse_coo`` gradient) update only the rows they touch, with
+    the row accumulator ``a_0`` as the only cover; other rows keep their
+    values and accumulators exactly, and momentum is not applied to them (as
+    in torch-SM3 and the authors' code).  A parameter whose first gradient
+    is sparse keeps only ``a_0`` (``n_1`` numbers; later dense gradients are
+    row-cover steps on every row); one whose state began dense keeps its
+    other accumulators and momentum buffer untouched by sparse steps.  A
+    step under ``torch.compile`` on a parameter that has had sparse
+    gradients is a ``TypeError`` naming it (sparse tensors cannot be traced).
 
     Unlike torch-SM3: parameters whose ``.grad`` is None are skipped,
     ``beta > 0`` accumulators decay, a zero gradient in float16/bfloat16 is a
@@ -129,21 +152,37 @@ class SM3(FunctionalOptimizer):
         name = f" ({names[position]!r})" if names else ""
         return f"parameter {index}{name} of shape {tuple(p.shape)}"
 
-    # Sparse gradients (nn.Embedding(sparse=True)) -- the hook points.  The sparse
-    # kernel replaces these two methods: the check runs with the dense checks,
-    # before anything changes; the step runs after the dense step.
+    # Sparse gradients (nn.Embedding(sparse=True)): the check runs with the dense
+    # checks, before anything changes; the step runs after the dense step.
 
     def _check_sparse(self, group: Mapping[str, Any], params: list, index: Mapping[int, int]) -> None:
         """Checks the parameters of ``group`` whose gradient is sparse; raises to refuse them."""
-        p = params[0]
-        raise TypeError(
-            f"{self._describe_param(group, p, index[id(p)])} has a {p.grad.layout} gradient; "
-            "sm3fn.optim.SM3 does not take sparse gradients yet"
-        )
+        for p in params:
+            g = p.grad
+            if g.layout != torch.sparse_coo:
+                raise TypeError(
+                    f"{self._describe_param(group, p, index[id(p)])} has a {g.layout} gradient; "
+                    "sm3fn.optim.SM3 takes dense (torch.strided) or torch.sparse_coo gradients"
+                )
+            if g.sparse_dim() == 0:
+                raise ValueError(
+                    f"{self._describe_param(group, p, index[id(p)])} has a sparse gradient with "
+                    "no sparse dimension; pass it dense"
+                )
 
     def _sparse_step_(self, group: Mapping[str, Any], params: list, index: Mapping[int, int]) -> None:
-        """One SM3 step, in place, on the parameters of ``group`` whose gradient is sparse."""
-        raise NotImplementedError("sparse gradients")  # unreachable: _check_sparse refused them
+        """One SM3 step, in place, on the parameters of ``group`` whose gradient is sparse:
+        the touched rows only, no momentum.  A first sparse gradient makes the row accumulator
+        only (``n_1`` numbers); an existing state uses its ``accumulator_0``."""
+        for p in params:
+            state = self.state[p]
+            if f"{ACCUMULATOR}0" not in state:
+                dtype = _checks.statistics_dtype(p.dtype, self.accumulator_dtype)
+                state[f"{ACCUMULATOR}0"] = _sparse.row_accumulator(p.detach(), dtype)
+            state.setdefault(STEP, torch.zeros((), dtype=torch.int64))
+            _sparse.sparse_apply_(p, p.grad, state[f"{ACCUMULATOR}0"],
+                                  lr=group["lr"], beta=group["beta"], eps=group["eps"])
+            state[STEP] += 1
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None):
@@ -153,6 +192,12 @@ class SM3(FunctionalOptimizer):
             with torch.enable_grad():
                 loss = closure()
         index = self._index()
+        # before any .grad is read: torch.compile rejects a sparse tensor on sight
+        _sparse.check_not_compiling(
+            [self._describe_param(g, p, index[id(p)])
+             for g in self.param_groups for p in g["params"] if _row_cover(self.state.get(p, {}), p)],
+            "sm3fn.optim.SM3",
+        )
         work = []  # (group, params with a dense gradient, params with a sparse one)
         # 1. check everything, so that a bad group or gradient changes nothing
         for group in self.param_groups:
@@ -183,8 +228,9 @@ class SM3(FunctionalOptimizer):
             needs = {
                 param_key(index[id(p)]): p
                 for p in params
-                if f"{ACCUMULATOR}0" not in self.state.get(p, {})
-                or (with_momentum and not isinstance(self.state[p].get(MOMENTUM_BUFFER), torch.Tensor))
+                if not _row_cover(self.state.get(p, {}), p)  # the row cover stays as it is
+                and (f"{ACCUMULATOR}0" not in self.state.get(p, {})
+                     or (with_momentum and not isinstance(self.state[p].get(MOMENTUM_BUFFER), torch.Tensor)))
             }
             if not needs:
                 continue
@@ -203,7 +249,8 @@ class SM3(FunctionalOptimizer):
                 params,
                 [p.grad for p in params],
                 [_accumulators(s, p) for s, p in zip(states, params)],
-                [s[MOMENTUM_BUFFER] if momentum > 0 else None for s in states],
+                [s[MOMENTUM_BUFFER] if momentum > 0 and not _row_cover(s, p) else None
+                 for s, p in zip(states, params)],
                 lr=group["lr"],
                 momentum=momentum,
                 beta=group["beta"],
@@ -250,9 +297,27 @@ class SM3(FunctionalOptimizer):
             )
         else:
             buffer = None
-        # the accumulators, checked against tx.init's (momentum left out: handled above)
-        out = super()._load_param_state(name, p, {**group, "momentum": 0.0}, saved)
+        row_cover = [k for k in saved if k.startswith(ACCUMULATOR)] == [f"{ACCUMULATOR}0"]
+        if p.dim() >= 2 and row_cover and buffer is None:  # state made by sparse gradients
+            out = self._load_row_cover(name, p, saved)
+        else:
+            # the accumulators, checked against tx.init's (momentum left out: handled above)
+            out = super()._load_param_state(name, p, {**group, "momentum": 0.0}, saved)
         out[STEP] = torch.tensor(int(step), dtype=torch.int64)
         if buffer is not None:
             out[MOMENTUM_BUFFER] = buffer
         return out
+
+    def _load_row_cover(self, name: str, p: torch.Tensor, saved: Mapping[str, Any]) -> dict[str, Any]:
+        """The row accumulator alone: ours ``(n_1, 1, ..., 1)`` or torch-SM3's sparse ``(n_1,)``."""
+        acc = saved[f"{ACCUMULATOR}0"]
+        extra = sorted(k for k in saved if k != f"{ACCUMULATOR}0")
+        if extra or not isinstance(acc, torch.Tensor) or acc.numel() != p.shape[0]:
+            raise ValueError(
+                f"{name} (shape {tuple(p.shape)}): a loaded state with only {ACCUMULATOR}0 is the row "
+                f"cover of sparse gradients and needs {p.shape[0]} numbers and no other entries; got "
+                f"{_describe_value(acc)}" + (f" and {extra}" if extra else "")
+            )
+        keepdim = (p.shape[0],) + (1,) * (p.dim() - 1)
+        dtype = _checks.statistics_dtype(p.dtype, self.accumulator_dtype)
+        return {f"{ACCUMULATOR}0": acc.reshape(keepdim).to(device=p.device, dtype=dtype).clone()}

@@ -6,7 +6,7 @@ from typing import Callable, Optional
 
 import torch
 
-from sm3fn import _checks, _sharded, _tree
+from sm3fn import _checks, _sharded, _sparse, _tree
 from sm3fn._sm3_math import ema as ema_step
 from sm3fn.base import GradientTransformation, OptState, Tree
 
@@ -14,18 +14,23 @@ from sm3fn.base import GradientTransformation, OptState, Tree
 _BufferStep = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
-def _buffered(owner: str, dtype: Optional[torch.dtype], step: _BufferStep) -> GradientTransformation:
+def _buffered(
+    owner: str, dtype: Optional[torch.dtype], step: _BufferStep, sparse: _sparse.SparseSpec = None
+) -> GradientTransformation:
     """A transform that keeps one buffer per parameter, shaped like it.
 
     State: ``{param path: buffer}``.  A ``None`` update (frozen parameter)
-    leaves its buffer as it was.
+    leaves its buffer as it was.  A sparse update passes through unchanged,
+    buffer kept (momentum is not applied to sparse updates); a parameter
+    declared in ``sparse`` keeps no buffer and all its updates pass through.
     """
     _checks.check_dtype_arg("dtype", dtype)
+    declared_sparse = _sparse.check_spec(sparse)
 
     def init(params: Tree) -> OptState:
         buffers = {}
         for path, p in _tree.flatten(params, "params").items():
-            if p is None:
+            if p is None or declared_sparse(path):
                 continue
             _checks.check_floating("params", path, p)
             buffers[path] = torch.zeros_like(p, dtype=_checks.statistics_dtype(p.dtype, dtype))
@@ -34,9 +39,10 @@ def _buffered(owner: str, dtype: Optional[torch.dtype], step: _BufferStep) -> Gr
     def update(updates: Tree, state: OptState, params: Optional[Tree] = None):
         incoming = _tree.flatten(updates, "updates")
         buffers = _tree.flatten(state, f"{owner} state")
-        _tree.check_same_keys(incoming, buffers, owner)
+        passed = {p for p in incoming if declared_sparse(p) and p not in buffers}
+        _tree.check_same_keys([p for p in incoming if p not in passed], buffers, owner)
         for path, u in incoming.items():
-            if u is None:
+            if u is None or path in passed:
                 continue
             _checks.check_floating("updates", path, u)
             _sharded.check_same_kind(owner, path, update=u, state=buffers[path])
@@ -47,8 +53,11 @@ def _buffered(owner: str, dtype: Optional[torch.dtype], step: _BufferStep) -> Gr
                 )
         outgoing, new_buffers = {}, {}
         for path, u in incoming.items():
-            if u is None:
-                outgoing[path], new_buffers[path] = None, buffers[path]
+            if path in passed:
+                outgoing[path] = u
+                continue
+            if u is None or _sparse.is_sparse(u):
+                outgoing[path], new_buffers[path] = u, buffers[path]
                 continue
             new_buffers[path], out = step(buffers[path], u.to(buffers[path].dtype))
             outgoing[path] = out.to(u.dtype)
@@ -57,7 +66,12 @@ def _buffered(owner: str, dtype: Optional[torch.dtype], step: _BufferStep) -> Gr
     return GradientTransformation(init, update)
 
 
-def ema(decay: float | torch.Tensor, dtype: Optional[torch.dtype] = None) -> GradientTransformation:
+def ema(
+    decay: float | torch.Tensor,
+    dtype: Optional[torch.dtype] = None,
+    *,
+    sparse: _sparse.SparseSpec = None,
+) -> GradientTransformation:
     """Exponential moving average of the updates: the momentum of torch-SM3 and the authors' code.
 
     ``m <- decay * m + (1 - decay) * u``, and ``m`` is the update.  ``m``
@@ -67,13 +81,22 @@ def ema(decay: float | torch.Tensor, dtype: Optional[torch.dtype] = None) -> Gra
       decay: in ``[0, 1)``; may be a tensor.
       dtype: the buffer's dtype; default: the parameter's for float32/float64,
         float32 for narrower floats (``torch.bfloat16`` halves the memory).
+      sparse: parameters with sparse gradients (names or a predicate, as in
+        :func:`scale_by_sm3`): they keep no buffer and get no momentum.  A
+        sparse update passes through unchanged in any case.
     """
     _checks.check_scalar("decay", decay, 0.0, 1.0)
-    return _buffered("ema", dtype, lambda m, u: (lambda new: (new, new))(ema_step(m, u, decay)))
+    return _buffered(
+        "ema", dtype, lambda m, u: (lambda new: (new, new))(ema_step(m, u, decay)), sparse
+    )
 
 
 def trace(
-    decay: float | torch.Tensor, nesterov: bool = False, dtype: Optional[torch.dtype] = None
+    decay: float | torch.Tensor,
+    nesterov: bool = False,
+    dtype: Optional[torch.dtype] = None,
+    *,
+    sparse: _sparse.SparseSpec = None,
 ) -> GradientTransformation:
     """Heavy-ball momentum: ``m <- decay * m + u``; the update is ``m``
     (or ``u + decay * m`` with ``nesterov``), as ``torch.optim.SGD`` does.
@@ -82,6 +105,7 @@ def trace(
       decay: in ``[0, 1)``; may be a tensor.
       nesterov: use Nesterov's look-ahead.
       dtype: the buffer's dtype (as in :func:`ema`).
+      sparse: parameters with sparse gradients, kept out of the momentum (as in :func:`ema`).
     """
     _checks.check_scalar("decay", decay, 0.0, 1.0)
     if not isinstance(nesterov, bool):
@@ -91,4 +115,4 @@ def trace(
         new = m * decay + u
         return new, (u + new * decay) if nesterov else new
 
-    return _buffered("trace", dtype, step)
+    return _buffered("trace", dtype, step, sparse)

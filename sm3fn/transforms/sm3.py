@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from sm3fn import _checks, _sharded, _tree
+from sm3fn import _checks, _sharded, _sparse, _tree
 from sm3fn._sm3_math import init_accumulators, param_shape, sm3_block
 from sm3fn.base import GradientTransformation, OptState, Tree
 
@@ -40,6 +40,8 @@ def scale_by_sm3(
     beta: float | torch.Tensor = 0.0,
     eps: float = 1e-30,
     accumulator_dtype: Optional[torch.dtype] = None,
+    *,
+    sparse: _sparse.SparseSpec = None,
 ) -> GradientTransformation:
     """Scales gradients by SM3-II's adaptive, memory-efficient preconditioner.
 
@@ -54,6 +56,16 @@ def scale_by_sm3(
     State: ``{param path: {"accumulator_0": a_0, ...}}``, ``n_1 + ... + n_k``
     numbers per parameter instead of ``n_1 * ... * n_k``.
 
+    Sparse gradients (``torch.sparse_coo``, e.g. from
+    ``nn.Embedding(sparse=True)``) update only the rows they touch, with the
+    row accumulator ``a_0`` as the only cover (``nu[r] = a_0[r] + g[r]**2``,
+    ``a_0[r] = max of nu[r]``); the other rows keep their accumulator
+    exactly, and the update comes back as a sparse COO tensor on the touched
+    rows.  Any parameter accepts them (its other accumulators are then left
+    as they were); a parameter declared in ``sparse`` keeps only ``a_0``
+    (``n_1`` numbers), and a dense gradient for it is a row-cover step on
+    every row.  Sparse gradients cannot run under ``torch.compile``.
+
     Args:
       beta: 0 (the paper's default) sums squared gradients; ``0 < beta < 1``
         keeps their exponential moving average, so accumulators decay when
@@ -61,6 +73,10 @@ def scale_by_sm3(
       eps: added to ``nu`` under the square root; ``>= 0``.
       accumulator_dtype: dtype of the accumulators; default: the parameter's
         for float32/float64, float32 for narrower floats.
+      sparse: the parameters that get sparse gradients: a collection of
+        dotted names (``{"emb.weight"}``, as ``named_parameters`` spells
+        them; nested TensorDict keys are joined with ``"."``) or a predicate
+        ``name -> bool``.  They keep only the row accumulator.
 
     Reference: Anil, Gupta, Koren, Singer, "Memory-Efficient Adaptive
     Optimization", NeurIPS 2019, arXiv:1901.11150.
@@ -70,6 +86,7 @@ def scale_by_sm3(
     if isinstance(eps, torch.Tensor):
         raise TypeError("eps must be a float, got a tensor")
     _checks.check_dtype_arg("accumulator_dtype", accumulator_dtype)
+    declared_sparse = _sparse.check_spec(sparse)
 
     def init(params: Tree) -> OptState:
         per_param = {}
@@ -78,15 +95,27 @@ def scale_by_sm3(
                 continue
             _checks.check_floating("params", path, p)
             dtype = _checks.statistics_dtype(p.dtype, accumulator_dtype)
-            if _sharded.is_dtensor(p):  # placements follow the parameter's, never Partial
+            if declared_sparse(path):
+                if p.dim() == 0:
+                    raise ValueError(f"params[{_tree.fmt(path)}] is declared sparse but is 0-d")
+                if _sharded.is_dtensor(p):  # the row accumulator, placed like a full cover's a_0
+                    per_param[path] = list(_sharded.init_accumulators_sharded(p, dtype, path=path))[:1]
+                else:
+                    per_param[path] = [_sparse.row_accumulator(p, dtype)]
+            elif _sharded.is_dtensor(p):  # placements follow the parameter's, never Partial
                 per_param[path] = list(_sharded.init_accumulators_sharded(p, dtype, path=path))
             else:
                 per_param[path] = list(init_accumulators(p, dtype))
         return accumulator_state(per_param)
 
     def update(updates: Tree, state: OptState, params: Optional[Tree] = None):
-        grads = _tree.flatten(updates, "grads")
         accs_by_path = accumulators_by_param(state)
+        # before any gradient is read: torch.compile rejects a sparse one on sight
+        _sparse.check_not_compiling(
+            [f"parameter {_tree.fmt(p)}" for p in accs_by_path if declared_sparse(p)],
+            "scale_by_sm3", "; or leave it out of sparse= and give it dense gradients",
+        )
+        grads = _tree.flatten(updates, "grads")
         _tree.check_same_keys(grads, accs_by_path, "scale_by_sm3")
         for path, g in grads.items():
             if g is not None:
@@ -104,11 +133,16 @@ def scale_by_sm3(
             if g is None:  # frozen: no update, state kept
                 new_updates[path], new_accs[path] = None, accs
                 continue
+            if _sparse.is_sparse(g):
+                new_updates[path], a0 = _sparse.sparse_update(g, accs[0], beta, eps)
+                new_accs[path] = [a0, *accs[1:]]
+                continue
             if _sharded.is_dtensor(g):
-                u, new_accs[path] = _sharded.sm3_block_sharded(g, accs, beta, eps, reducer, path=path)
+                u, maxima = _sharded.sm3_block_sharded(g, accs, beta, eps, reducer, path=path)
             else:
-                u, new_accs[path] = sm3_block(g.to(accs[0].dtype), accs, beta, eps)
+                u, maxima = sm3_block(g.to(accs[0].dtype), accs, beta, eps)
             new_updates[path] = u.to(g.dtype)
+            new_accs[path] = list(maxima[: len(accs)])  # a row-cover state keeps its one
         reducer.flush()
         return _tree.unflatten_like(updates, new_updates), accumulator_state(new_accs)
 
@@ -116,13 +150,21 @@ def scale_by_sm3(
 
 
 def check_grad(path: _tree.Path, g: torch.Tensor, accs: list[torch.Tensor]) -> None:
-    """A gradient must be real floating point, dense, and of the parameter's shape."""
+    """A gradient must be real floating point, dense or sparse COO, and of the parameter's shape."""
     _checks.check_floating("grads", path, g)
-    if g.layout != torch.strided:
+    if g.layout not in (torch.strided, torch.sparse_coo):
         raise TypeError(
-            f"grads[{_tree.fmt(path)}] has layout {g.layout}; scale_by_sm3 takes dense gradients"
+            f"grads[{_tree.fmt(path)}] has layout {g.layout}; scale_by_sm3 takes dense "
+            "(torch.strided) or torch.sparse_coo gradients"
+        )
+    if _sparse.is_sparse(g) and (g.dim() == 0 or g.sparse_dim() == 0):
+        raise ValueError(
+            f"grads[{_tree.fmt(path)}] is a sparse tensor with no sparse dimension "
+            f"(shape {tuple(g.shape)}); pass it dense"
         )
     expected = param_shape(accs)
+    if _sparse.is_row_cover(accs) and g.dim() == accs[0].dim():
+        expected = (expected[0], *g.shape[1:])  # the row cover does not record the other sizes
     if tuple(g.shape) != expected:
         raise ValueError(
             f"grads[{_tree.fmt(path)}] has shape {tuple(g.shape)}, but the scale_by_sm3 "

@@ -35,7 +35,7 @@ def ranks():
 
 
 class Toy(nn.Module):
-    """Parameters whose dim 0 does not split evenly on 2 ranks; ``row`` leaves rank 1 an empty shard."""
+    """Parameters whose dim 0 does not split evenly on 2 ranks; ``row`` and ``gain`` leave rank 1 empty shards."""
 
     def __init__(self):
         super().__init__()
@@ -44,11 +44,13 @@ class Toy(nn.Module):
         self.row = nn.Parameter(torch.randn(1, 3))
         self.b = nn.Parameter(torch.randn(3))
         self.v = nn.Parameter(torch.randn(4))
+        self.gain = nn.Parameter(torch.randn(1))  # 1-d, empty on rank 1 (fully_shard refuses 0-d)
+        self.scale = nn.Parameter(torch.tensor([0.7]))
 
     def forward(self, x, y):
         h = torch.tanh(x[:, :5] @ self.w + self.b)  # (B, 3)
         z = torch.tanh(torch.einsum("bi,ijk->bjk", x, self.t))  # (B, 4, 3)
-        out = (z * h[:, None, :]).sum(-1) @ self.v + (h * self.row).sum(-1)
+        out = (z * h[:, None, :]).sum(-1) @ self.v * self.scale + (h * self.row).sum(-1) * self.gain
         return ((out - y) ** 2).mean()
 
 

@@ -6,6 +6,7 @@
     params = sm3fn.apply_updates(params, updates)
 """
 
+from sm3fn import func
 from sm3fn.alias import sm3
 from sm3fn.base import (
     GradientTransformation,
@@ -17,7 +18,10 @@ from sm3fn.base import (
     identity,
 )
 from sm3fn import schedules
+from sm3fn.func import stop_gradient
+from sm3fn.inject import inject_hyperparams
 from sm3fn.transforms import (
+    apply_if_finite,
     add_decayed_weights,
     averaged_params,
     chain,
@@ -44,6 +48,7 @@ __all__ = [
     "Schedule",
     "ScalarOrSchedule",
     "Tree",
+    "apply_if_finite",
     "add_decayed_weights",
     "apply_updates",
     "averaged_params",
@@ -55,7 +60,9 @@ __all__ = [
     "partition",
     "schedules",
     "ema",
+    "func",
     "identity",
+    "inject_hyperparams",
     "named_chain",
     "optim",
     "scale",
@@ -63,5 +70,6 @@ __all__ = [
     "scale_by_schedule",
     "scale_by_sm3",
     "sm3",
+    "stop_gradient",
     "trace",
 ]

@@ -107,8 +107,13 @@ def precondition(
     of ``u`` is finite at ``g = 0`` (``g * rsqrt(nu + eps)`` is NaN there in
     float32 with eps = 1e-30); the outer one makes a zero gradient a zero
     step even where ``eps`` underflows.  ``out`` may be ``nu`` itself.
+
+    The test is ``nu != 0`` rather than ``nu > 0`` (the same for ``nu >= 0``)
+    so that a NaN ``nu`` gives a NaN step that shows, not a silent zero
+    step that would freeze the rows and columns whose accumulators it
+    poisoned (see ``apply_if_finite``).
     """
-    positive = nu > 0
+    positive = nu != 0
     if out is None:
         den = torch.where(positive, nu, 1.0)
     else:  # where(..., out=) takes no Python scalar
@@ -158,7 +163,27 @@ def sm3_block(
     nu = second_moment(grad, cover_minimum(accumulators, out=nu_out), beta, out=nu_out)
     maxima = cover_maxima(nu)
     u = precondition(grad, nu, eps, out=u_out)
-    return u, maxima
+    # after u: for a 0-d/1-d block on the fast path ``nu`` is the accumulator itself
+    return u, tuple(saturate(a, inplace=nu_out is not None) for a in maxima)
+
+
+def saturate(accumulator: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """Caps an accumulator at the largest finite value of its dtype.
+
+    A gradient whose square overflows (``|g| > 1.8e19`` in float32) makes
+    ``nu`` inf; ``u = g / sqrt(inf)`` is then a zero (finite) step on that
+    coordinate for that step.  Kept as inf, the accumulator could never
+    come back: ``beta * inf`` is inf, so the coordinate would be frozen
+    forever.  Capped, it is the closest representable value to the true
+    sum, the next steps are ``g / sqrt(max)`` (what Adagrad's exact sum
+    gives, to within the cap), and with ``beta > 0`` it decays again.  NaN
+    passes through unchanged (skip such steps with ``apply_if_finite``).
+    Costs one pass over the accumulators, which are small for k >= 2.
+    """
+    cap = torch.finfo(accumulator.dtype).max
+    if inplace:
+        return accumulator.clamp_(max=cap)
+    return torch.clamp(accumulator, max=cap)
 
 
 def ema(

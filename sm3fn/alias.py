@@ -58,6 +58,9 @@ def sm3(
     _checks.check_scalar("momentum", momentum, 0.0, 1.0)
     _checks.check_scalar("beta", beta, 0.0, 1.0)
     _checks.check_scalar("eps", eps, 0.0)
+    # checked here too, so that the error names sm3's own argument, not ema's "dtype"
+    _checks.check_dtype_arg("accumulator_dtype", accumulator_dtype)
+    _checks.check_dtype_arg("momentum_dtype", momentum_dtype)
     stages = [("sm3", scale_by_sm3(beta, eps, accumulator_dtype, sparse=sparse))]
     if isinstance(momentum, torch.Tensor) or momentum > 0:
         stages.append(("momentum", ema(momentum, momentum_dtype, sparse=sparse)))

@@ -30,8 +30,10 @@ from sm3fn import _checks, _sharded, _sparse
 from sm3fn.alias import sm3 as sm3_tx
 from sm3fn.optim.functional import PARAM, FunctionalOptimizer, Template, param_key
 from sm3fn.optim.functional import _describe as _describe_value
+from sm3fn.transforms.finite import all_finite
 
 STEP = "step"
+SKIPPED_STEPS = "skipped_steps"  # a top-level state_dict entry, with skip_nonfinite=True
 MOMENTUM_BUFFER = "momentum_buffer"
 ACCUMULATOR = "accumulator_"
 
@@ -80,6 +82,13 @@ class SM3(FunctionalOptimizer):
       eps: added to ``nu`` under the square root, ``>= 0``.
       accumulator_dtype, momentum_dtype: dtypes of the statistics; default:
         the parameter's for float32/float64, float32 for bfloat16/float16.
+      skip_nonfinite: when any gradient holds a NaN or inf, drop the whole
+        step: parameters and state stay bit-identical and ``skipped_steps``
+        (saved in ``state_dict()``) goes up by one.  Costs one host sync per
+        step.  Without it a NaN/inf gradient entry turns that parameter entry
+        into NaN, and a NaN poisons the accumulators of its row and column
+        (see README, "Guarantees").  ``sm3fn.apply_if_finite`` is the
+        functional form.
 
     Sparse gradients (``nn.Embedding(sparse=True)``, ``nn.EmbeddingBag(sparse=True)``,
     any ``torch.sparse_coo`` gradient) update only the rows they touch, with
@@ -108,7 +117,12 @@ class SM3(FunctionalOptimizer):
         *,
         accumulator_dtype: Optional[torch.dtype] = None,
         momentum_dtype: Optional[torch.dtype] = None,
+        skip_nonfinite: bool = False,
     ):
+        if not isinstance(skip_nonfinite, bool):
+            raise TypeError(f"skip_nonfinite must be a bool, got {skip_nonfinite!r}")
+        self.skip_nonfinite = skip_nonfinite
+        self.skipped_steps = 0
         _checks.check_dtype_arg("accumulator_dtype", accumulator_dtype)
         _checks.check_dtype_arg("momentum_dtype", momentum_dtype)
         self.accumulator_dtype = accumulator_dtype
@@ -120,7 +134,7 @@ class SM3(FunctionalOptimizer):
 
     # -- torch-SM3's names for sm3fn.sm3's state ------------------------------------------
 
-    _PICKLED = FunctionalOptimizer._PICKLED + ("accumulator_dtype", "momentum_dtype")
+    _PICKLED = FunctionalOptimizer._PICKLED + ("accumulator_dtype", "momentum_dtype", "skip_nonfinite", "skipped_steps")
 
     def _check_group(self, group: Mapping[str, Any]) -> None:
         # torch-SM3's checks, plus: real numbers only (the fast path takes floats)
@@ -222,6 +236,12 @@ class SM3(FunctionalOptimizer):
                 self._check_sparse(group, sparse, index)
             if dense or sparse:
                 work.append((group, dense, sparse))
+        # 1b. skip_nonfinite: a NaN/inf gradient anywhere drops the step before any state is made
+        if self.skip_nonfinite and work:
+            grads = [p.grad._values() if p.grad.is_sparse else p.grad for _, d, s in work for p in d + s]
+            if not bool(all_finite(grads, grads[0].device)):
+                self.skipped_steps += 1
+                return loss
         # 2. state for new parameters (and a momentum buffer once momentum > 0), from tx.init
         for group, params, _ in work:
             with_momentum = group["momentum"] > 0
@@ -263,6 +283,23 @@ class SM3(FunctionalOptimizer):
         return loss
 
     # -- checkpoints -------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch.optim's state_dict, plus ``"skipped_steps"`` with ``skip_nonfinite=True``."""
+        state_dict = super().state_dict()
+        if self.skip_nonfinite:
+            state_dict[SKIPPED_STEPS] = self.skipped_steps
+        return state_dict
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """As :meth:`FunctionalOptimizer.load_state_dict`; also restores ``skipped_steps``."""
+        skipped = state_dict.get(SKIPPED_STEPS, 0)
+        if isinstance(skipped, torch.Tensor) and skipped.numel() == 1 and not skipped.is_floating_point():
+            skipped = int(skipped.item())
+        if isinstance(skipped, bool) or not isinstance(skipped, int) or skipped < 0:
+            raise ValueError(f"state_dict[{SKIPPED_STEPS!r}] must be an int >= 0, got {skipped!r}")
+        super().load_state_dict(state_dict)
+        self.skipped_steps = skipped
 
     def _load_param_state(
         self, name: str, p: torch.Tensor, group: Mapping[str, Any], saved: Mapping[str, Any]

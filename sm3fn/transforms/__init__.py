@@ -3,6 +3,7 @@
 from sm3fn.transforms.averaging import averaged_params, parameter_averaging
 from sm3fn.transforms.clipping import clip_by_global_norm, global_norm
 from sm3fn.transforms.combine import chain, named_chain
+from sm3fn.transforms.finite import apply_if_finite
 from sm3fn.transforms.masking import masked, partition
 from sm3fn.transforms.momentum import ema, trace
 from sm3fn.transforms.scaling import scale, scale_by_learning_rate, scale_by_schedule
@@ -10,6 +11,7 @@ from sm3fn.transforms.sm3 import scale_by_sm3
 from sm3fn.transforms.weight_decay import add_decayed_weights
 
 __all__ = [
+    "apply_if_finite",
     "add_decayed_weights",
     "averaged_params",
     "clip_by_global_norm",

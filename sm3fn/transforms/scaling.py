@@ -73,4 +73,11 @@ def scale_by_learning_rate(learning_rate: ScalarOrSchedule) -> GradientTransform
     _checks.check_scalar("learning_rate", learning_rate, 0.0, allow_callable=True)
     if callable(learning_rate) and not isinstance(learning_rate, torch.Tensor):
         return scale_by_schedule(lambda count: -learning_rate(count))
+    if isinstance(learning_rate, torch.Tensor):
+        # negated at every update, not once here: an in-place change of the
+        # tensor (lr.fill_(...)) then applies, eagerly and in a compiled step
+        def update(updates: Tree, state: OptState, params: Optional[Tree] = None):
+            return _scaled(updates, -learning_rate), state
+
+        return GradientTransformation(scale(learning_rate).init, update)
     return scale(-learning_rate)

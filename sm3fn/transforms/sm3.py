@@ -56,6 +56,12 @@ def scale_by_sm3(
     State: ``{param path: {"accumulator_0": a_0, ...}}``, ``n_1 + ... + n_k``
     numbers per parameter instead of ``n_1 * ... * n_k``.
 
+    Extreme values: a coordinate whose ``g*g`` overflows the statistics dtype
+    takes a zero step and its accumulators saturate at ``finfo(dtype).max``
+    (never inf, so ``beta > 0`` decays back); a NaN gradient gives a NaN step
+    and NaN accumulators for its row and column.  Wrap the optimizer in
+    :func:`sm3fn.apply_if_finite` to drop such steps (README, "Guarantees").
+
     Sparse gradients (``torch.sparse_coo``, e.g. from
     ``nn.Embedding(sparse=True)``) update only the rows they touch, with the
     row accumulator ``a_0`` as the only cover (``nu[r] = a_0[r] + g[r]**2``,

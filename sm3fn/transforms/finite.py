@@ -1,0 +1,138 @@
+"""``apply_if_finite``: skip a step whose gradients or updates are not finite."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from tensordict import TensorDict, TensorDictBase
+
+from sm3fn import _tree
+from sm3fn.base import GradientTransformation, OptState, Tree
+
+INNER = "inner"
+SKIPPED = "skipped"
+CONSECUTIVE = "consecutive_nonfinite"
+LAST_FINITE = "last_finite"
+_KEYS = (INNER, SKIPPED, CONSECUTIVE, LAST_FINITE)
+
+
+def apply_if_finite(
+    inner: GradientTransformation, max_consecutive_errors: Optional[int] = None
+) -> GradientTransformation:
+    """Runs ``inner`` but drops the step when anything in it is NaN or inf.
+
+    Each step the inner update is computed, then::
+
+        finite = all(isfinite(grads)) and all(isfinite(inner updates))
+        apply  = finite or consecutive_nonfinite > max_consecutive_errors
+        updates = inner updates if apply else 0
+        inner state = new inner state if apply else the old one, bit for bit
+
+    The choice is made with ``torch.where`` on a 0-d boolean, never with a
+    Python ``if`` on a tensor value, so a step runs under ``torch.compile``
+    (no graph break) and ``torch.func.vmap`` (each task skips on its own).
+    As in optax's ``apply_if_finite``, the updates of the inner transform are
+    checked as well as the gradients, so a non-finite value made inside it
+    (e.g. an overflowing schedule) is caught too.
+
+    State: ``{"inner": inner state, "skipped": int64 (steps dropped so far),
+    "consecutive_nonfinite": int64, "last_finite": bool}``.
+
+    Args:
+      inner: the transform to protect, e.g. ``sm3fn.sm3(0.1)``.
+      max_consecutive_errors: ``None`` (default) drops every non-finite step;
+        an int ``n >= 0`` applies the step anyway once more than ``n``
+        non-finite steps came in a row, so a run that has truly diverged
+        shows it instead of silently standing still.
+
+    Example::
+
+        tx = sm3fn.apply_if_finite(sm3fn.sm3(0.1))
+        updates, state = tx.update(grads, state, params)
+        int(state["skipped"])   # how many steps were dropped
+    """
+    if not isinstance(inner, GradientTransformation):
+        raise TypeError(
+            f"inner must be a GradientTransformation, got {type(inner).__name__}"
+        )
+    if max_consecutive_errors is not None and (
+        isinstance(max_consecutive_errors, bool)
+        or not isinstance(max_consecutive_errors, int)
+        or max_consecutive_errors < 0
+    ):
+        raise ValueError(
+            f"max_consecutive_errors must be None or an int >= 0, got {max_consecutive_errors!r}"
+        )
+
+    def init(params: Tree) -> OptState:
+        leaves = _tree.flatten(params, "params")
+        device = next((p.device for p in leaves.values() if p is not None), None)
+        zero = torch.zeros((), dtype=torch.int64, device=device)
+        return TensorDict(
+            {
+                INNER: inner.init(params),
+                SKIPPED: zero,
+                CONSECUTIVE: zero.clone(),
+                LAST_FINITE: torch.ones((), dtype=torch.bool, device=device),
+            },
+            batch_size=[],
+        )
+
+    def update(updates: Tree, state: OptState, params: Optional[Tree] = None):
+        if not isinstance(state, TensorDictBase) or sorted(state.keys()) != sorted(_KEYS):
+            got = sorted(state.keys()) if isinstance(state, TensorDictBase) else type(state).__name__
+            raise ValueError(f"apply_if_finite state must have keys {sorted(_KEYS)}, got {got}")
+        grads = _tree.flatten(updates, "updates")
+        old_inner = state.get(INNER)
+        new_updates, new_inner = inner.update(updates, old_inner, params)
+        new_leaves = _tree.flatten(new_updates, "updates")
+
+        counter = state.get(CONSECUTIVE)
+        finite = all_finite([*grads.values(), *new_leaves.values()], counter.device)
+        consecutive = torch.where(finite, torch.zeros_like(counter), counter + 1)
+        apply = finite
+        if max_consecutive_errors is not None:
+            apply = finite | (consecutive > max_consecutive_errors)
+
+        kept = {
+            path: None if u is None else torch.where(apply, u, torch.zeros_like(u))
+            for path, u in new_leaves.items()
+        }
+        new_state = TensorDict(
+            {
+                INNER: _select(apply, new_inner, old_inner, ()),
+                SKIPPED: state.get(SKIPPED) + (~apply).to(torch.int64),
+                CONSECUTIVE: consecutive,
+                LAST_FINITE: finite,
+            },
+            batch_size=[],
+        )
+        return _tree.unflatten_like(new_updates, kept), new_state
+
+    return GradientTransformation(init, update)
+
+
+def all_finite(tensors, device) -> torch.Tensor:
+    """A 0-d bool: every entry of every tensor is finite (True when there are none)."""
+    checks = [torch.isfinite(t).all() for t in tensors if t is not None]
+    if not checks:
+        return torch.ones((), dtype=torch.bool, device=device)
+    return torch.stack([c.to(device) for c in checks]).all()
+
+
+def _select(apply: torch.Tensor, new: TensorDictBase, old: TensorDictBase, prefix) -> TensorDict:
+    """``new`` where ``apply`` else ``old``, leaf by leaf; both must have the same layout."""
+    if sorted(new.keys()) != sorted(old.keys()):
+        raise ValueError(
+            f"apply_if_finite: the inner state at {_tree.fmt(prefix)} changed its keys "
+            f"from {sorted(old.keys())} to {sorted(new.keys())}; it cannot be rolled back"
+        )
+    out = {}
+    for key in new.keys():
+        a, b = new.get(key), old.get(key)
+        if isinstance(a, TensorDictBase):
+            out[key] = _select(apply, a, b, prefix + (key,))
+        else:
+            out[key] = torch.where(apply, a, b)
+    return TensorDict(out, batch_size=[])

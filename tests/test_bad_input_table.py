@@ -1,0 +1,242 @@
+"""Bad input everywhere: one table of what sm3fn rejects.
+
+Each row builds fresh inputs, makes the bad call, and checks the error type,
+a message that names the argument or key and the offending value, and that
+every tensor it was given (parameters, gradients, state) is bit-identical
+afterwards.
+"""
+
+import re
+from typing import Any, Callable, NamedTuple
+
+import numpy as np
+import pytest
+import torch
+from tensordict import TensorDict, TensorDictBase
+
+import sm3fn
+
+
+class Case(NamedTuple):
+    name: str
+    build: Callable[[], tuple[Callable[[], Any], list]]  # -> (bad call, things it must not change)
+    error: type
+    message: str  # regex: the argument/key and the value
+
+
+def _params():
+    gen = torch.Generator().manual_seed(0)
+    return {"w": torch.randn(3, 4, generator=gen), "b": torch.randn(4, generator=gen)}
+
+
+def _grads():
+    gen = torch.Generator().manual_seed(1)
+    return {"w": torch.randn(3, 4, generator=gen), "b": torch.randn(4, generator=gen)}
+
+
+def _stepped(tx):
+    """tx, params, a state that has taken one step (non-zero), and fresh gradients."""
+    params = _params()
+    state = tx.init(params)
+    _, state = tx.update(_grads(), state, params)
+    return tx, params, state, _grads()
+
+
+def factory(fn):
+    """A bad hyperparameter: the factory raises; nothing to watch but its tensor arguments."""
+    return lambda: (fn, [])
+
+
+def bad_update(make_tx, edit_grads=lambda g: g, edit_state=lambda s: s, with_params=True):
+    def build():
+        tx, params, state, grads = _stepped(make_tx())
+        grads, state = edit_grads(grads), edit_state(state)
+        return (lambda: tx.update(grads, state, params if with_params else None)), [params, state, grads]
+    return build
+
+
+def bad_init(make_tx, params):
+    def build():
+        p = params()
+        return (lambda: make_tx().init(p)), [p]
+    return build
+
+
+def with_key(tree, key, value):
+    return dict(tree, **{key: value})
+
+
+def _td_state_without(key):
+    def edit(state):
+        state = state.clone()
+        del state[key]
+        return state
+    return edit
+
+
+SM3 = lambda: sm3fn.sm3(0.1, momentum=0.9)  # noqa: E731
+
+
+def _stepped_optimizer(out_features=4, **kwargs):
+    from sm3fn.optim import SM3 as OptSM3
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, out_features)
+    opt = OptSM3(model.parameters(), lr=0.1, momentum=0.9, **kwargs)
+    model(torch.randn(5, 3)).square().sum().backward()
+    opt.step()
+    return model, opt
+
+
+def bad_optimizer(edit):
+    """``edit(model, opt)`` returns the bad call; the parameters, their gradients and
+    the optimizer state must come through it unchanged."""
+    def build():
+        model, opt = _stepped_optimizer(skip_nonfinite=True)
+        params = list(model.parameters())
+        return edit(model, opt), [params, [p.grad for p in params], opt.state, opt.param_groups]
+    return build
+
+
+def _set_lr_then_step(model, opt):
+    opt.param_groups[0]["lr"] = -0.5
+    return opt.step
+
+
+def _load_other_shapes(model, opt):
+    other = _stepped_optimizer(out_features=5)[1].state_dict()
+    return lambda: opt.load_state_dict(other)
+
+
+def _load_negative_skips(model, opt):
+    saved = opt.state_dict()
+    saved["skipped_steps"] = -1
+    return lambda: opt.load_state_dict(saved)
+
+
+def _optim(**kwargs):
+    from sm3fn.optim import SM3 as OptSM3
+
+    return lambda: OptSM3([torch.nn.Parameter(torch.randn(2))], **kwargs)
+momentum_tensor = torch.tensor(2.0)
+
+CASES = [
+    # hyperparameters
+    Case("negative learning rate", factory(lambda: sm3fn.sm3(learning_rate=-0.1)), ValueError, r"learning_rate.*-0\.1"),
+    Case("learning rate as a string", factory(lambda: sm3fn.sm3(learning_rate="0.1")), TypeError, r"learning_rate.*'0\.1'"),
+    Case("momentum 1", factory(lambda: sm3fn.sm3(momentum=1.0)), ValueError, r"momentum.*1\.0"),
+    Case("negative momentum", factory(lambda: sm3fn.sm3(momentum=-0.5)), ValueError, r"momentum.*-0\.5"),
+    Case("momentum tensor out of range", factory(lambda: sm3fn.sm3(momentum=momentum_tensor)), ValueError, r"momentum.*2\.0"),
+    Case("integer momentum tensor", factory(lambda: sm3fn.sm3(momentum=torch.tensor(1))), TypeError, r"momentum.*int64"),
+    Case("beta above 1", factory(lambda: sm3fn.sm3(beta=1.5)), ValueError, r"beta.*1\.5"),
+    Case("beta NaN", factory(lambda: sm3fn.scale_by_sm3(beta=float("nan"))), ValueError, r"beta.*nan"),
+    Case("negative eps", factory(lambda: sm3fn.sm3(eps=-1e-8)), ValueError, r"eps.*-1e-08"),
+    Case("eps as a tensor", factory(lambda: sm3fn.scale_by_sm3(eps=torch.tensor(1e-8))), TypeError, r"eps.*tensor"),
+    Case("integer accumulator dtype", factory(lambda: sm3fn.sm3(accumulator_dtype=torch.int32)), TypeError,
+         r"accumulator_dtype.*torch\.int32"),
+    Case("momentum dtype as a string", factory(lambda: sm3fn.sm3(momentum=0.9, momentum_dtype="float16")), TypeError,
+         r"momentum_dtype.*'float16'"),
+    Case("ema decay 1", factory(lambda: sm3fn.ema(1.0)), ValueError, r"decay.*1\.0"),
+    Case("trace nesterov not a bool", factory(lambda: sm3fn.trace(0.9, nesterov=1)), TypeError, r"nesterov.*1"),
+    Case("scale by a string", factory(lambda: sm3fn.scale("x")), TypeError, r"factor.*'x'"),
+    Case("schedule not callable", factory(lambda: sm3fn.scale_by_schedule(5)), TypeError, r"schedule.*int"),
+    Case("apply_if_finite of a factory", factory(lambda: sm3fn.apply_if_finite(sm3fn.sm3)), TypeError,
+         r"inner.*function"),
+    Case("negative max_consecutive_errors", factory(lambda: sm3fn.apply_if_finite(SM3(), max_consecutive_errors=-1)),
+         ValueError, r"max_consecutive_errors.*-1"),
+    Case("chain of a factory", factory(lambda: sm3fn.chain(sm3fn.sm3)), TypeError, r"'0'.*function"),
+    Case("named_chain duplicate names", factory(lambda: sm3fn.named_chain(("a", SM3()), ("a", SM3()))), ValueError,
+         r"unique.*'a', 'a'"),
+    Case("named_chain dotted name", factory(lambda: sm3fn.named_chain(("a.b", SM3()))), ValueError, r"'a\.b'"),
+    Case("negative learning rate alone", factory(lambda: sm3fn.scale_by_learning_rate(-1.0)), ValueError,
+         r"learning_rate.*-1\.0"),
+    Case("SM3 negative lr", factory(_optim(lr=-1.0)), ValueError, r"lr.*-1\.0"),
+    Case("SM3 momentum 1", factory(_optim(momentum=1.0)), ValueError, r"momentum.*1\.0"),
+    Case("SM3 skip_nonfinite not a bool", factory(_optim(skip_nonfinite="yes")), TypeError, r"skip_nonfinite.*'yes'"),
+    Case("SM3 accumulator dtype", factory(_optim(accumulator_dtype=torch.int8)), TypeError,
+         r"accumulator_dtype.*torch\.int8"),
+    # trees
+    Case("identity of a list", bad_init(sm3fn.identity, lambda: [torch.ones(2)]), TypeError, r"params.*list"),
+    Case("params a list", bad_init(SM3, lambda: list(_params().values())), TypeError, r"params.*list"),
+    Case("params key not a string", bad_init(SM3, lambda: {1: torch.randn(2)}), TypeError, r"keys.*1.*int"),
+    Case("params leaf a NumPy array", bad_init(SM3, lambda: {"w": np.ones(3)}), TypeError, r"params\['w'\].*ndarray"),
+    Case("gradient a float", bad_update(SM3, lambda g: with_key(g, "b", 3.0)), TypeError, r"grads\['b'\].*float"),
+    Case("grads a tuple", bad_update(SM3, lambda g: tuple(g.values())), TypeError, r"grads.*tuple"),
+    # dtypes
+    Case("integer parameter", bad_init(SM3, lambda: {"w": torch.arange(6).reshape(2, 3)}), TypeError,
+         r"params\['w'\].*torch\.int64"),
+    Case("complex gradient", bad_update(SM3, lambda g: with_key(g, "w", g["w"].to(torch.complex64))), TypeError,
+         r"grads\['w'\].*torch\.complex64"),
+    Case("integer gradient", bad_update(SM3, lambda g: with_key(g, "b", torch.ones(4, dtype=torch.int32))), TypeError,
+         r"grads\['b'\].*torch\.int32"),
+    # shapes
+    Case("gradient of the wrong shape", bad_update(SM3, lambda g: with_key(g, "w", torch.randn(3, 5))), ValueError,
+         r"grads\['w'\].*\(3, 5\).*\(3, 4\)"),
+    Case("transposed gradient", bad_update(SM3, lambda g: with_key(g, "w", g["w"].T.clone())), ValueError,
+         r"grads\['w'\].*\(4, 3\).*\(3, 4\)"),
+    Case("ema update of the wrong shape", bad_update(lambda: sm3fn.ema(0.9), lambda g: with_key(g, "b", torch.randn(5))),
+         ValueError, r"updates\['b'\].*\(5,\).*\(4,\)"),
+    Case("apply_updates of the wrong shape", lambda: ((lambda p, u: (lambda: sm3fn.apply_updates(p, u), [p, u]))(
+        _params(), {"b": torch.randn(3)})), ValueError, r"updates\['b'\].*\(3,\).*params\['b'\].*\(4,\)"),
+    Case("apply_updates with an unknown key", lambda: ((lambda p, u: (lambda: sm3fn.apply_updates(p, u), [p, u]))(
+        _params(), {"z": torch.randn(3)})), ValueError, r"updates has key 'z'"),
+    # state mismatches
+    Case("SM3 step after a bad lr in a group", bad_optimizer(_set_lr_then_step), ValueError, r"lr.*-0\.5"),
+    Case("SM3 load of other shapes", bad_optimizer(_load_other_shapes), ValueError,
+         r"parameter 0 \(shape \(4, 3\)\).*'momentum_buffer'.*\(5, 3\).*\(4, 3\)"),
+    Case("SM3 load of a negative skip count", bad_optimizer(_load_negative_skips), ValueError, r"skipped_steps.*-1"),
+    Case("gradient for an unknown key", bad_update(SM3, lambda g: with_key(g, "z", torch.randn(2))), ValueError,
+         r"grads has key 'z'"),
+    Case("gradient missing for a key", bad_update(SM3, lambda g: {"w": g["w"]}), ValueError, r"missing key 'b'"),
+    Case("state of another chain", bad_update(lambda: sm3fn.named_chain(("sm3", sm3fn.scale_by_sm3()), ("lr", sm3fn.scale(-0.1))),
+                                              edit_state=lambda s: TensorDict({"sm3": s["sm3"], "momentum": s["lr"]}, [])),
+         ValueError, r"chain state has keys \['momentum', 'sm3'\].*\['sm3', 'lr'\]"),
+    Case("foreign entry in sm3 state", bad_update(sm3fn.scale_by_sm3,
+                                                  edit_state=lambda s: s.clone().set(("w", "foo"), torch.zeros(1))),
+         ValueError, r"unexpected entry 'w\.foo'"),
+    Case("schedule state without count", bad_update(lambda: sm3fn.scale_by_schedule(lambda c: 0.1),
+                                                    edit_state=lambda s: TensorDict({"step": s["count"]}, [])),
+         ValueError, r"'count'.*\['step'\]"),
+    Case("apply_if_finite given the inner state", bad_update(lambda: sm3fn.apply_if_finite(SM3()),
+                                                             edit_state=lambda s: s["inner"]),
+         ValueError, r"apply_if_finite state.*\['learning_rate', 'momentum', 'sm3'\]"),
+]
+
+
+def _tensors(obj, out):
+    if isinstance(obj, torch.Tensor):
+        out.append(obj)
+    elif isinstance(obj, TensorDictBase):
+        out.extend(obj.values(include_nested=True, leaves_only=True))
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            _tensors(v, out)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            _tensors(v, out)
+    return out
+
+
+def _keys(obj):
+    if isinstance(obj, TensorDictBase):
+        return sorted(map(str, obj.keys(include_nested=True, leaves_only=True)))
+    if isinstance(obj, dict):
+        return sorted(map(str, obj.keys()))
+    return None
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_bad_input_is_rejected_and_changes_nothing(case):
+    call, watched = case.build()
+    tensors = _tensors(watched, [])
+    before = [(t.clone(), t.data_ptr(), t._version) for t in tensors]
+    keys = [_keys(w) for w in watched]
+    with pytest.raises(case.error) as info:
+        call()
+    assert re.search(case.message, str(info.value)), f"{info.value!s} does not match {case.message!r}"
+    for t, (copy, ptr, version) in zip(tensors, before):
+        assert t._version == version and t.data_ptr() == ptr  # not written in place
+        assert torch.equal(t.reshape(-1).view(torch.uint8), copy.reshape(-1).view(torch.uint8))
+    assert [_keys(w) for w in watched] == keys
+    assert momentum_tensor.item() == 2.0
+

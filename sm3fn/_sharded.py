@@ -269,3 +269,21 @@ def sm3_apply_any_(
     if local_p:
         sm3_apply_(local_p, local_g, local_a, local_m, **options)
     reducer.flush()
+
+
+def all_finite_agreed(tensors: Sequence[torch.Tensor], all_finite, device) -> bool:
+    """``bool(all_finite(tensors))`` that every rank agrees on, for plain tensors and DTensors.
+
+    On DTensors ``all_finite`` gives a flag with a pending reduction
+    (``Partial``); reading it as is would give each rank its own shard's
+    answer, and a rank that skips a step while the others run it leaves them
+    waiting in the step's all_reduce.  ``full_tensor()`` settles the flag
+    (one collective per device mesh).  Every flag is computed before any is
+    read, so no rank leaves out a collective.
+    """
+    groups: dict = {}
+    for t in tensors:
+        groups.setdefault(t.device_mesh if is_dtensor(t) else None, []).append(t)
+    flags = [all_finite(ts, device) for ts in groups.values()]
+    settled = [f.full_tensor() if is_dtensor(f) else f for f in flags]
+    return all(bool(f) for f in settled)

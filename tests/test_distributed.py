@@ -520,3 +520,41 @@ def test_fsdp_example_runs_under_torchrun():
     for rank, params, accs, sm3_total, adam, ratio in rows:
         # the accumulators are a few percent of the parameters; Adam keeps two copies of them
         assert float(accs) < 0.1 * float(params) and float(adam) >= 2 * float(params) - 1, rows
+
+
+# --------------------------------------------------------------------------- non-finite gradients on one rank only
+
+
+def _nonfinite_on_one_rank(rank, world_size):
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = Toy()
+    fully_shard(model)
+    opt = sm3fn.optim.SM3(model.parameters(), lr=LR, momentum=0.9, skip_nonfinite=True)
+    model(*_batches(0, world_size)[rank]).backward()
+    opt.step()
+    opt.zero_grad()
+    model(*_batches(1, world_size)[rank]).backward()
+    if rank == 1:  # only rank 1's shard sees the NaN: every rank must still skip
+        model.w.grad.to_local()[0, 0] = float("nan")
+    before = {k: p.full_tensor() for k, p in model.named_parameters()}
+    state_before = {k: _full(v) for k, v in opt.state[model.w].items()}
+    opt.step()
+    assert opt.skipped_steps == 1
+    for k, p in model.named_parameters():
+        assert torch.equal(p.full_tensor(), before[k]), k
+    for k, v in opt.state[model.w].items():
+        assert torch.equal(_full(v), state_before[k]), k
+
+    # the functional form: apply_if_finite around sm3 on the DTensors
+    tx = sm3fn.apply_if_finite(sm3fn.sm3(LR))
+    params = {k: p.detach() for k, p in model.named_parameters()}
+    state = tx.init(params)
+    updates, state = tx.update({k: p.grad for k, p in model.named_parameters()}, state, params)
+    assert int(_full(state["skipped"])) == 1
+    assert all(_full(u).abs().sum() == 0 for u in updates.values())
+
+
+def test_nonfinite_gradient_on_one_rank_skips_on_every_rank(ranks):
+    ranks.run(_nonfinite_on_one_rank, timeout=60)

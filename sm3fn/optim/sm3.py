@@ -239,7 +239,7 @@ class SM3(FunctionalOptimizer):
         # 1b. skip_nonfinite: a NaN/inf gradient anywhere drops the step before any state is made
         if self.skip_nonfinite and work:
             grads = [p.grad._values() if p.grad.is_sparse else p.grad for _, d, s in work for p in d + s]
-            if not bool(all_finite(grads, grads[0].device)):
+            if not _sharded.all_finite_agreed(grads, all_finite, grads[0].device):  # DTensors: all ranks agree
                 self.skipped_steps += 1
                 return loss
         # 2. state for new parameters (and a momentum buffer once momentum > 0), from tx.init

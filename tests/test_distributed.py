@@ -558,3 +558,46 @@ def _nonfinite_on_one_rank(rank, world_size):
 
 def test_nonfinite_gradient_on_one_rank_skips_on_every_rank(ranks):
     ranks.run(_nonfinite_on_one_rank, timeout=60)
+
+
+# --------------------------------------------------------------------------- the rest of the library on DTensors
+
+
+def _toolbox(rank, world_size):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world_size,))
+    gen = torch.Generator().manual_seed(0)
+    full = {"w": torch.randn(5, 3, generator=gen), "t": torch.randn(3, 2, 4, generator=gen),
+            "b": torch.randn(3, generator=gen)}
+    grads = [{k: torch.randn(v.shape, generator=gen) for k, v in full.items()} for _ in range(STEPS)]
+    transforms = {
+        "tensor hyperparameters": lambda: sm3fn.sm3(torch.tensor(LR), momentum=torch.tensor(0.9),
+                                                    beta=torch.tensor(0.5)),
+        "schedule": lambda: sm3fn.sm3(lambda count: LR / (1 + count), momentum=0.9),
+        "clip_by_global_norm": lambda: sm3fn.chain(sm3fn.clip_by_global_norm(1.0), sm3fn.sm3(LR)),
+        "add_decayed_weights": lambda: sm3fn.chain(sm3fn.sm3(LR), sm3fn.add_decayed_weights(0.01)),
+        "parameter_averaging": lambda: sm3fn.chain(sm3fn.sm3(LR), sm3fn.parameter_averaging(0.9)),
+        "inject_hyperparams": lambda: sm3fn.inject_hyperparams(sm3fn.sm3)(learning_rate=LR, momentum=0.9),
+        "trace": lambda: sm3fn.chain(sm3fn.scale_by_sm3(), sm3fn.trace(0.9, nesterov=True), sm3fn.scale(-LR)),
+    }
+    for name, make in transforms.items():
+        tx = make()
+        sharded = {k: distribute_tensor(v, mesh, [Shard(0)]) for k, v in full.items()}
+        plain = {k: v.clone() for k, v in full.items()}
+        s_state, p_state = tx.init(sharded), tx.init(plain)
+        for g in grads:
+            u, s_state = tx.update({k: distribute_tensor(v, mesh, [Shard(0)]) for k, v in g.items()}, s_state, sharded)
+            sharded = sm3fn.apply_updates(sharded, u)
+            u, p_state = tx.update(g, p_state, plain)
+            plain = sm3fn.apply_updates(plain, u)
+        _assert_no_partial(s_state)
+        for k in full:
+            diff = (sharded[k].full_tensor() - plain[k]).abs().max().item()
+            assert diff < 1e-5, (name, k, diff)
+            assert (plain[k] - full[k]).abs().max() > 1e-3, (name, k, "did not move")
+
+
+def test_toolbox_transforms_on_dtensors_match_unsharded(ranks):
+    ranks.run(_toolbox)

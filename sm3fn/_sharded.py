@@ -256,8 +256,8 @@ def sm3_apply_any_(
         for i, a in enumerate(accs):
             for mesh_dim in _mesh_dims_to_reduce(p.placements, ndim, i, "SM3", ()):
                 reducer.add(a, p.device_mesh.get_group(mesh_dim))
-        if ndim >= 2 and p.to_local().numel() == 0:
-            # an empty shard (uneven sharding) has no rows to step; it adds the
+        if p.to_local().numel() == 0:
+            # an empty shard (uneven sharding) has nothing to step; it adds the
             # neutral 0 (nu >= 0) to the maxima of the other dims
             for a in accs:
                 a.zero_()

@@ -230,6 +230,11 @@ def _mixed(rank, world_size):
     with pytest.raises(TypeError, match=r"ema: parameter 'b' mixes"):
         sm3fn.ema(0.9).update({"enc.w": plain["enc.w"], "b": sharded["b"]}, ema_state)
 
+    other_mesh = init_device_mesh("cpu", (world_size, 1))
+    elsewhere = dict(sharded, b=distribute_tensor(plain["b"], other_mesh, [Shard(0), Shard(0)]))
+    with pytest.raises(ValueError, match=r"'b' has DTensors on different device meshes"):
+        tx.update(elsewhere, state)
+
     # different parameters may differ: a sharded one next to a plain one is fine
     mixed_params = {"enc.w": sharded["enc.w"], "b": plain["b"]}
     s = tx.init(mixed_params)

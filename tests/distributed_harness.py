@@ -23,6 +23,15 @@ import torch.multiprocessing as mp
 LOOPBACK = "127.0.0.1"
 
 
+def loopback_env() -> dict:
+    """Environment that keeps gloo's own connections on the loopback interface (``lo``, ``lo0``)."""
+    names = {name for _, name in socket.if_nameindex()} if hasattr(socket, "if_nameindex") else set()
+    for name in ("lo", "lo0"):
+        if name in names:
+            return {"GLOO_SOCKET_IFNAME": name}
+    return {}
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((LOOPBACK, 0))
@@ -30,12 +39,7 @@ def free_port() -> int:
 
 
 def _serve(rank: int, world_size: int, port: int, jobs, results) -> None:
-    os.environ.update(
-        MASTER_ADDR=LOOPBACK,
-        MASTER_PORT=str(port),
-        GLOO_SOCKET_IFNAME="lo",  # gloo's own connections stay on loopback too
-        OMP_NUM_THREADS="1",
-    )
+    os.environ.update(MASTER_ADDR=LOOPBACK, MASTER_PORT=str(port), OMP_NUM_THREADS="1", **loopback_env())
     import torch
     import torch.distributed as dist
 

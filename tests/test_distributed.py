@@ -508,10 +508,10 @@ def test_fsdp_example_runs_under_torchrun():
     import subprocess
     import sys
 
-    from distributed_harness import LOOPBACK, free_port
+    from distributed_harness import LOOPBACK, free_port, loopback_env
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo",
+    env = dict(os.environ, OMP_NUM_THREADS="1", **loopback_env(),
                PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--master_addr", LOOPBACK, "--master_port", str(free_port()),

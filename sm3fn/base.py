@@ -23,7 +23,7 @@ from typing import Any, Callable, Mapping, NamedTuple, Optional, Protocol, Union
 import torch
 from tensordict import TensorDict, TensorDictBase
 
-from sm3fn import _tree
+from sm3fn import _sharded, _tree
 
 __all__ = [
     "Tree",
@@ -102,6 +102,7 @@ def apply_updates(params: Tree, updates: Tree) -> Tree:
         if u is None or p is None:
             new[path] = p
             continue
+        _sharded.check_same_kind("apply_updates", path, param=p, update=u)
         if u.shape != p.shape:
             raise ValueError(
                 f"updates[{_tree.fmt(path)}] has shape {tuple(u.shape)}, "

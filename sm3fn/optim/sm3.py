@@ -26,8 +26,7 @@ from typing import Any, Callable, Mapping, Optional
 
 import torch
 
-from sm3fn import _checks, _sparse
-from sm3fn._inplace import sm3_apply_
+from sm3fn import _checks, _sharded, _sparse
 from sm3fn.alias import sm3 as sm3_tx
 from sm3fn.optim.functional import PARAM, FunctionalOptimizer, Template, param_key
 from sm3fn.optim.functional import _describe as _describe_value
@@ -227,6 +226,11 @@ class SM3(FunctionalOptimizer):
                         f"{self._describe_param(group, p, index[id(p)])} has dtype {p.dtype} and gradient "
                         f"dtype {g.dtype}; SM3 optimizes real floating-point tensors only"
                     )
+                state = self.state.get(p, {})
+                _sharded.check_same_kind(
+                    "SM3", self._describe_param(group, p, index[id(p)]), param=p, grad=g,
+                    **{k: v for k, v in state.items() if k != STEP and isinstance(v, torch.Tensor)},
+                )
                 (dense if g.layout == torch.strided else sparse).append(p)
             if sparse:
                 self._check_sparse(group, sparse, index)
@@ -235,7 +239,7 @@ class SM3(FunctionalOptimizer):
         # 1b. skip_nonfinite: a NaN/inf gradient anywhere drops the step before any state is made
         if self.skip_nonfinite and work:
             grads = [p.grad._values() if p.grad.is_sparse else p.grad for _, d, s in work for p in d + s]
-            if not bool(all_finite(grads, grads[0].device)):
+            if not _sharded.all_finite_agreed(grads, all_finite, grads[0].device):  # DTensors: all ranks agree
                 self.skipped_steps += 1
                 return loss
         # 2. state for new parameters (and a momentum buffer once momentum > 0), from tx.init
@@ -261,7 +265,7 @@ class SM3(FunctionalOptimizer):
         for group, params, sparse in work:
             momentum = group["momentum"]
             states = [self.state[p] for p in params]
-            sm3_apply_(
+            _sharded.sm3_apply_any_(  # DTensors (FSDP2): local shards + one all_reduce
                 params,
                 [p.grad for p in params],
                 [_accumulators(s, p) for s, p in zip(states, params)],

@@ -6,7 +6,7 @@ from typing import Callable, Optional
 
 import torch
 
-from sm3fn import _checks, _sparse, _tree
+from sm3fn import _checks, _sharded, _sparse, _tree
 from sm3fn._sm3_math import ema as ema_step
 from sm3fn.base import GradientTransformation, OptState, Tree
 
@@ -45,6 +45,7 @@ def _buffered(
             if u is None or path in passed:
                 continue
             _checks.check_floating("updates", path, u)
+            _sharded.check_same_kind(owner, path, update=u, state=buffers[path])
             if u.shape != buffers[path].shape:
                 raise ValueError(
                     f"updates[{_tree.fmt(path)}] has shape {tuple(u.shape)}, but the {owner} "

@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from sm3fn import _checks, _sparse, _tree
+from sm3fn import _checks, _sharded, _sparse, _tree
 from sm3fn._sm3_math import init_accumulators, param_shape, sm3_block
 from sm3fn.base import GradientTransformation, OptState, Tree
 
@@ -104,7 +104,12 @@ def scale_by_sm3(
             if declared_sparse(path):
                 if p.dim() == 0:
                     raise ValueError(f"params[{_tree.fmt(path)}] is declared sparse but is 0-d")
-                per_param[path] = [_sparse.row_accumulator(p, dtype)]
+                if _sharded.is_dtensor(p):  # the row accumulator, placed like a full cover's a_0
+                    per_param[path] = list(_sharded.init_accumulators_sharded(p, dtype, path=path))[:1]
+                else:
+                    per_param[path] = [_sparse.row_accumulator(p, dtype)]
+            elif _sharded.is_dtensor(p):  # placements follow the parameter's, never Partial
+                per_param[path] = list(_sharded.init_accumulators_sharded(p, dtype, path=path))
             else:
                 per_param[path] = list(init_accumulators(p, dtype))
         return accumulator_state(per_param)
@@ -120,8 +125,14 @@ def scale_by_sm3(
         _tree.check_same_keys(grads, accs_by_path, "scale_by_sm3")
         for path, g in grads.items():
             if g is not None:
+                _sharded.check_same_kind(
+                    "scale_by_sm3", path, grad=g,
+                    **{f"accumulator_{i}": a for i, a in enumerate(accs_by_path[path])},
+                )
                 check_grad(path, g, accs_by_path[path])
 
+        # DTensors: local maxima of all parameters are all-reduced together, after the loop
+        reducer = _sharded.MaxReducer()
         new_updates, new_accs = {}, {}
         for path, g in grads.items():
             accs = accs_by_path[path]
@@ -132,9 +143,13 @@ def scale_by_sm3(
                 new_updates[path], a0 = _sparse.sparse_update(g, accs[0], beta, eps)
                 new_accs[path] = [a0, *accs[1:]]
                 continue
-            u, maxima = sm3_block(g.to(accs[0].dtype), accs, beta, eps)
+            if _sharded.is_dtensor(g):
+                u, maxima = _sharded.sm3_block_sharded(g, accs, beta, eps, reducer, path=path)
+            else:
+                u, maxima = sm3_block(g.to(accs[0].dtype), accs, beta, eps)
             new_updates[path] = u.to(g.dtype)
             new_accs[path] = list(maxima[: len(accs)])  # a row-cover state keeps its one
+        reducer.flush()
         return _tree.unflatten_like(updates, new_updates), accumulator_state(new_accs)
 
     return GradientTransformation(init, update)

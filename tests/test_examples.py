@@ -30,3 +30,22 @@ def test_char_lm_writes_its_plots(tmp_path, monkeypatch, capsys):
     for name in ("char_lm_loss.png", "char_lm_memory.png"):
         assert os.path.getsize(tmp_path / name) > 1000
     assert out.count("optimizer state") == 4
+
+
+@pytest.mark.slow
+def test_train_regular_runs_the_drop_in_loop(monkeypatch, capsys):
+    pytest.importorskip("tqdm")
+    out = _run("train_regular.py", ["--epochs", "1"], monkeypatch, capsys)
+    assert "accuracy" in out.lower()
+
+
+@pytest.mark.slow
+def test_sparse_benchmark_prints_its_ratio(monkeypatch, capsys):
+    out = _run("sparse_benchmark.py", ["--rows", "20000", "--repeats", "2"], monkeypatch, capsys)
+    assert "%" in out
+
+
+@pytest.mark.slow
+def test_sparse_bag_of_words_reports_memory(monkeypatch, capsys):
+    out = _run("sparse_bag_of_words.py", [], monkeypatch, capsys)
+    assert "MiB" in out

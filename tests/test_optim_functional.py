@@ -184,3 +184,23 @@ def test_load_state_dict_mismatch_raises_and_changes_nothing():
     assert unchanged()
     opt.load_state_dict(saved_and_loaded(good))
     assert unchanged()
+
+
+def test_named_parameters_reach_masks_by_name():
+    """Given model.named_parameters(), tx sees the names, so a mask can skip biases."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2)).double()
+    tx = sm3fn.chain(
+        sm3fn.add_decayed_weights(0.5, mask=lambda path, p: not path.endswith("bias")),
+        sm3fn.scale_by_learning_rate(0.1),
+    )
+    opt = sm3fn.optim.FunctionalOptimizer(model.named_parameters(), tx)
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    grads = {k: torch.randn_like(v) for k, v in before.items()}
+    for k, p in model.named_parameters():
+        p.grad = grads[k].clone()
+    opt.step()
+    for k, p in model.named_parameters():
+        decay = 0.0 if k.endswith("bias") else 0.5
+        expected = before[k] - 0.1 * (grads[k] + decay * before[k])
+        torch.testing.assert_close(p.detach(), expected, rtol=1e-12, atol=1e-12)

@@ -214,6 +214,16 @@ class FunctionalOptimizer(torch.optim.Optimizer):
             for key in params
         }
 
+    @staticmethod
+    def _tree_keys(group: Mapping[str, Any], index: Mapping[int, int]) -> list[str]:
+        """The keys of a group's parameters in the tree ``tx`` sees: their names when the
+        optimizer was given ``model.named_parameters()`` (so masks and ``sparse=`` can
+        match ``"0.bias"``), else ``param_<state_dict index>``."""
+        names = group.get("param_names")
+        if names and len(set(names)) == len(names):
+            return list(names)
+        return [param_key(index[id(p)]) for p in group["params"]]
+
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None):
         """One step of ``tx`` on every group; returns the closure's loss, if any."""
@@ -226,9 +236,10 @@ class FunctionalOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:  # compute everything first: a failure changes nothing
             self._check_group(group)
             tx = self._transform(group)
+            keys = self._tree_keys(group, index)
             live = {
-                param_key(index[id(p)]): p
-                for p in group["params"]
+                key: p
+                for key, p in zip(keys, group["params"])
                 if p.grad is not None or self.state.get(p)
             }
             if not live:

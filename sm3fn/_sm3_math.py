@@ -125,11 +125,11 @@ def precondition(
     step that would freeze the rows and columns whose accumulators it
     poisoned (see ``apply_if_finite``).
 
-    ``positive=True`` (fast path only: the caller knows every ``nu > 0``, see
-    :func:`nu_positive`) skips both masks: both ``where``s would pick their
-    first branch, so the numbers are the same.
+    ``positive=True`` (fast path only, eager or compiled: the caller knows
+    every ``nu > 0``, see :func:`nu_positive`) skips both masks: both
+    ``where``s would pick their first branch, so the numbers are the same.
     """
-    if out is not None and (positive or _positive_everywhere(nu)):
+    if positive or (out is not None and _positive_everywhere(nu)):
         # every nu > 0 (and none is NaN): three plain passes give the same
         # numbers as the masked expression below, which costs ~4x more on a
         # CPU (bool masks).

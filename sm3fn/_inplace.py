@@ -17,6 +17,10 @@ cannot drift apart, and it allocates nothing the size of a parameter:
   buffer per ``block_elements`` elements and stepped together: their math is
   elementwise, so one call on the pack does the work of dozens of calls,
   and multi-tensor (``torch._foreach_*``) ops scatter the results back.
+* Whether every ``nu > 0`` is read once per tensor from its (small)
+  accumulators (:func:`~sm3fn._sm3_math.nu_positive`); then the blocks skip
+  the preconditioner's masks and, without momentum, fold the division into
+  ``p.addcdiv_(g, sqrt(nu + eps), value=-lr)``.
 * ``compiled=True`` runs the same block step through ``torch.compile``
   (inductor fuses it into one C++/Triton kernel per block); compiling costs
   seconds once per configuration (dims, dtypes, momentum on/off, beta, eps).

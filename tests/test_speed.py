@@ -62,9 +62,14 @@ def test_underflowing_beta_times_accumulator_takes_the_masked_path():
     torch.testing.assert_close(p[0, 0].double(), before[0, 0].double() - 0.1 * 1.5 / nu**0.5)
 
 
-def test_compiled_flag_is_checked():
+def test_compiled_flag_is_checked_and_pickled():
+    import pickle
+
     with pytest.raises(TypeError, match="compiled"):
         SM3([torch.nn.Parameter(torch.zeros(2))], compiled=1)
+    for flag in (True, False):
+        opt = SM3([torch.nn.Parameter(torch.zeros(2))], compiled=flag)
+        assert pickle.loads(pickle.dumps(opt)).compiled is flag
 
 
 @pytest.mark.slow

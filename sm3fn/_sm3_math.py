@@ -156,21 +156,19 @@ def nu_positive(accumulators: Sequence[torch.Tensor], beta: Scalar) -> bool:
     of :func:`precondition` give NaN.  False whenever the answer would cost a
     device sync or is asked under tracing (the masked path then runs).
     """
-    low = None
+    if isinstance(beta, torch.Tensor) or torch.compiler.is_compiling():
+        return False
     for a in accumulators:
-        if a.device.type != "cpu" or torch.compiler.is_compiling():
+        if a.device.type != "cpu":
             return False
         if a.numel() == 0:
             continue
-        m = a.amin()
-        low = m if low is None else torch.minimum(low, m)
-    if low is None:
-        return False
-    if isinstance(beta, torch.Tensor):
-        return False
-    if beta != 0:
-        low = low * beta
-    return bool(low > 0)
+        low = a.amin()
+        if beta != 0:
+            low = low * beta  # in the accumulator's dtype, as second_moment computes it
+        if not low.item() > 0:  # NaN answers False too
+            return False
+    return any(a.numel() for a in accumulators)
 
 
 def _positive_everywhere(nu: torch.Tensor) -> bool:

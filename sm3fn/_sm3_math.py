@@ -96,11 +96,22 @@ def second_moment(
     return torch.addcmul(nu, grad, grad, value=1 - beta, out=out)
 
 
+def denominator(nu: torch.Tensor, eps: float, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``sqrt(nu + eps)``: the preconditioner's denominator where ``nu > 0``.
+
+    :func:`precondition` divides by it; the fast path, where every ``nu > 0``
+    is known, folds the division into the parameter update
+    (``p.addcdiv_(g, denominator(nu, eps), value=-lr)``).  ``out`` may be ``nu``.
+    """
+    return torch.sqrt(torch.add(nu, eps, out=out), out=out)
+
+
 def precondition(
     grad: torch.Tensor,
     nu: torch.Tensor,
     eps: float,
     out: Optional[torch.Tensor] = None,
+    positive: bool = False,
 ) -> torch.Tensor:
     """``u = g / sqrt(nu + eps)`` where ``nu > 0``, else 0.
 
@@ -113,24 +124,51 @@ def precondition(
     so that a NaN ``nu`` gives a NaN step that shows, not a silent zero
     step that would freeze the rows and columns whose accumulators it
     poisoned (see ``apply_if_finite``).
+
+    ``positive=True`` (fast path only, eager or compiled: the caller knows
+    every ``nu > 0``, see :func:`nu_positive`) skips both masks: both
+    ``where``s would pick their first branch, so the numbers are the same.
     """
-    if out is not None and _positive_everywhere(nu):
-        # every nu > 0 (and none is NaN): both ``where``s pick their first
-        # branch, so three plain passes give the same numbers as the masked
-        # expression below, which costs ~4x more on a CPU (bool masks).
-        den = torch.sqrt(torch.add(nu, eps, out=out), out=out)
-        return torch.div(grad, den, out=out)
-    positive = nu != 0
+    if positive or (out is not None and _positive_everywhere(nu)):
+        # every nu > 0 (and none is NaN): three plain passes give the same
+        # numbers as the masked expression below, which costs ~4x more on a
+        # CPU (bool masks).
+        return torch.div(grad, denominator(nu, eps, out=out), out=out)
+    positive_mask = nu != 0
     if out is None:
-        den = torch.where(positive, nu, 1.0)
+        den = torch.where(positive_mask, nu, 1.0)
     else:  # where(..., out=) takes no Python scalar
-        den = torch.where(positive, nu, torch.ones((), dtype=nu.dtype, device=nu.device), out=out)
-    den = torch.add(den, eps, out=out)
-    den = torch.sqrt(den, out=out)
-    u = torch.div(grad, den, out=out)
+        den = torch.where(positive_mask, nu, torch.ones((), dtype=nu.dtype, device=nu.device), out=out)
+    u = torch.div(grad, denominator(den, eps, out=out), out=out)
     if out is None:
-        return torch.where(positive, u, 0.0)
-    return u.masked_fill_(~positive, 0.0)
+        return torch.where(positive_mask, u, 0.0)
+    return u.masked_fill_(~positive_mask, 0.0)
+
+
+def nu_positive(accumulators: Sequence[torch.Tensor], beta: Scalar) -> bool:
+    """Whether every ``nu`` of the next step is ``> 0``, read from the (small) accumulators.
+
+    ``nu = min_i a_i + g*g`` (or ``beta * min_i a_i + (1 - beta) * g*g``) is
+    at least ``min_i a_i`` (times ``beta``), whatever ``g`` is, so it is
+    ``> 0`` wherever every accumulator entry is (and ``beta * a`` does not
+    underflow to 0; rounding is monotonic, so checking the smallest ``a``
+    suffices).  A NaN gradient makes a NaN ``nu``, for which both branches
+    of :func:`precondition` give NaN.  False whenever the answer would cost a
+    device sync or is asked under tracing (the masked path then runs).
+    """
+    if isinstance(beta, torch.Tensor) or torch.compiler.is_compiling():
+        return False
+    for a in accumulators:
+        if a.device.type != "cpu":
+            return False
+        if a.numel() == 0:
+            continue
+        low = a.amin()
+        if beta != 0:
+            low = low * beta  # in the accumulator's dtype, as second_moment computes it
+        if not low.item() > 0:  # NaN answers False too
+            return False
+    return any(a.numel() for a in accumulators)
 
 
 def _positive_everywhere(nu: torch.Tensor) -> bool:
@@ -149,6 +187,8 @@ def cover_maxima(nu: torch.Tensor) -> tuple[torch.Tensor, ...]:
     k = nu.dim()
     if k <= 1:
         return (nu,)
+    if nu.numel() == 0:  # a max over nothing: 0, the neutral value (nu >= 0), as init_accumulators
+        return tuple(nu.new_zeros(s) for s in accumulator_shapes(nu.shape))
     dims = list(range(k))
     return tuple(nu.amax(dim=dims[:i] + dims[i + 1 :], keepdim=True) for i in range(k))
 
@@ -161,6 +201,8 @@ def sm3_block(
     *,
     nu_out: Optional[torch.Tensor] = None,
     u_out: Optional[torch.Tensor] = None,
+    positive: bool = False,
+    denominator_only: bool = False,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     """One SM3 step on ``grad`` (a whole tensor or a block of its rows).
 
@@ -168,19 +210,30 @@ def sm3_block(
     maxima of ``nu`` over this block.  On a whole tensor ``maxima`` are the
     new accumulators.  On a block of rows, ``maxima[0]`` are the new row
     accumulators of those rows and ``maxima[i > 0]`` are partial maxima the
-    caller combines across blocks.
+    caller combines across blocks.  A gradient with no elements gives an
+    empty ``u`` and the accumulators unchanged (there is nothing to cover).
 
     ``accumulators`` and ``grad`` must be in the statistics dtype.  With
     ``nu_out``/``u_out`` the work is done in those buffers (they may be one
     buffer, or ``nu_out`` may be a 1-d accumulator, which then holds the new
     accumulator afterwards); without, everything is out of place and
-    differentiable.
+    differentiable.  Fast path only: ``positive=True`` promises every
+    ``nu > 0`` (:func:`nu_positive`), and ``denominator_only=True`` (which
+    needs it) returns ``sqrt(nu + eps)`` in place of ``u``, for the caller
+    to divide by (``p.addcdiv_``: one pass less).
     """
     if nu_out is not None and nu_out is u_out and grad.dim() <= 1:
         raise ValueError("for a 0-d/1-d block nu is the new accumulator; u_out must differ")
+    if denominator_only and not positive:
+        raise ValueError("denominator_only needs positive=True (a masked u has no denominator)")
+    if grad.numel() == 0 and grad.dim() >= 2:
+        return torch.zeros_like(grad), tuple(accumulators)
     nu = second_moment(grad, cover_minimum(accumulators, out=nu_out), beta, out=nu_out)
     maxima = cover_maxima(nu)
-    u = precondition(grad, nu, eps, out=u_out)
+    if denominator_only:
+        u = denominator(nu, eps, out=u_out)
+    else:
+        u = precondition(grad, nu, eps, out=u_out, positive=positive)
     # after u: for a 0-d/1-d block on the fast path ``nu`` is the accumulator itself
     return u, tuple(saturate(a, inplace=nu_out is not None) for a in maxima)
 

@@ -89,6 +89,10 @@ class SM3(FunctionalOptimizer):
         into NaN, and a NaN poisons the accumulators of its row and column
         (see README, "Guarantees").  ``sm3fn.apply_if_finite`` is the
         functional form.
+      compiled: run the dense step's blocks through ``torch.compile``
+        (inductor fuses each block's step into one loop nest; the first steps
+        compile, seconds per configuration; see README, "Speed and memory").
+        Same numbers as eager to float rounding.
 
     Sparse gradients (``nn.Embedding(sparse=True)``, ``nn.EmbeddingBag(sparse=True)``,
     any ``torch.sparse_coo`` gradient) update only the rows they touch, with
@@ -118,9 +122,13 @@ class SM3(FunctionalOptimizer):
         accumulator_dtype: Optional[torch.dtype] = None,
         momentum_dtype: Optional[torch.dtype] = None,
         skip_nonfinite: bool = False,
+        compiled: bool = False,
     ):
         if not isinstance(skip_nonfinite, bool):
             raise TypeError(f"skip_nonfinite must be a bool, got {skip_nonfinite!r}")
+        if not isinstance(compiled, bool):
+            raise TypeError(f"compiled must be a bool, got {compiled!r}")
+        self.compiled = compiled
         self.skip_nonfinite = skip_nonfinite
         self.skipped_steps = 0
         _checks.check_dtype_arg("accumulator_dtype", accumulator_dtype)
@@ -134,7 +142,9 @@ class SM3(FunctionalOptimizer):
 
     # -- torch-SM3's names for sm3fn.sm3's state ------------------------------------------
 
-    _PICKLED = FunctionalOptimizer._PICKLED + ("accumulator_dtype", "momentum_dtype", "skip_nonfinite", "skipped_steps")
+    compiled = False  # the default for optimizers pickled before the option existed
+    _PICKLED = FunctionalOptimizer._PICKLED + (
+        "accumulator_dtype", "momentum_dtype", "skip_nonfinite", "skipped_steps", "compiled")
 
     def _check_group(self, group: Mapping[str, Any]) -> None:
         # torch-SM3's checks, plus: real numbers only (the fast path takes floats)
@@ -275,6 +285,7 @@ class SM3(FunctionalOptimizer):
                 momentum=momentum,
                 beta=group["beta"],
                 eps=group["eps"],
+                compiled=self.compiled,
             )
             for s in states:
                 s[STEP] += 1

@@ -224,13 +224,18 @@ class FunctionalOptimizer(torch.optim.Optimizer):
             return list(names)
         return [param_key(index[id(p)]) for p in group["params"]]
 
+    @staticmethod
+    def _evaluate(closure: Optional[Callable[[], Any]]) -> Any:
+        """Runs ``step``'s closure with autograd on (``step`` itself runs under no_grad)."""
+        if closure is None:
+            return None
+        with torch.enable_grad():
+            return closure()
+
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None):
         """One step of ``tx`` on every group; returns the closure's loss, if any."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self._evaluate(closure)
         index = self._index()
         plans = []
         for group in self.param_groups:  # compute everything first: a failure changes nothing

@@ -211,10 +211,7 @@ class SM3(FunctionalOptimizer):
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None):
         """One SM3 step on every parameter that has a gradient; returns the closure's loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self._evaluate(closure)
         index = self._index()
         # before any .grad is read: torch.compile rejects a sparse tensor on sight
         _sparse.check_not_compiling(

@@ -69,6 +69,19 @@ def check_scalar(
         raise ValueError(f"{name} must be in {_interval(low, high, high_inclusive)}, got {value!r}")
 
 
+def check_sm3_hyperparameters(
+    learning_rate: Any, momentum: Any, beta: Any, eps: Any, lr_name: str = "learning_rate"
+) -> None:
+    """The checks of SM3's four hyperparameters, shared by ``sm3``, ``sm3_update_``
+    and ``sm3fn.optim.SM3`` (which calls its learning rate ``lr``)."""
+    check_scalar(lr_name, learning_rate, 0.0, allow_callable=True)
+    check_scalar("momentum", momentum, 0.0, 1.0)
+    check_scalar("beta", beta, 0.0, 1.0)
+    check_scalar("eps", eps, 0.0)
+    if isinstance(eps, torch.Tensor):
+        raise TypeError("eps must be a float, got a tensor")
+
+
 def _interval(low: float, high: Optional[float], high_inclusive: bool) -> str:
     if high is None:
         return f"[{low}, inf)" if low != 0 else "[0, inf) (non-negative, not NaN)"

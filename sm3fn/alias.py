@@ -54,10 +54,7 @@ def sm3(
         updates, state = tx.update(grads, state)
         params = sm3fn.apply_updates(params, updates)
     """
-    _checks.check_scalar("learning_rate", learning_rate, 0.0, allow_callable=True)
-    _checks.check_scalar("momentum", momentum, 0.0, 1.0)
-    _checks.check_scalar("beta", beta, 0.0, 1.0)
-    _checks.check_scalar("eps", eps, 0.0)
+    _checks.check_sm3_hyperparameters(learning_rate, momentum, beta, eps)
     # checked here too, so that the error names sm3's own argument, not ema's "dtype"
     _checks.check_dtype_arg("accumulator_dtype", accumulator_dtype)
     _checks.check_dtype_arg("momentum_dtype", momentum_dtype)

@@ -70,12 +70,7 @@ def sm3_update_(
         compiles for a few seconds; later calls are faster).
       block_elements: elements per block of the fast path (default: tuned).
     """
-    _checks.check_scalar("learning_rate", learning_rate, 0.0, allow_callable=True)
-    _checks.check_scalar("momentum", momentum, 0.0, 1.0)
-    _checks.check_scalar("beta", beta, 0.0, 1.0)
-    _checks.check_scalar("eps", eps, 0.0)
-    if isinstance(eps, torch.Tensor):
-        raise TypeError("eps must be a float, got a tensor")
+    _checks.check_sm3_hyperparameters(learning_rate, momentum, beta, eps)
     momentum_f, beta_f = _as_float("momentum", momentum), _as_float("beta", beta)
     schedule = callable(learning_rate) and not isinstance(learning_rate, torch.Tensor)
     if not schedule:

@@ -148,11 +148,11 @@ class SM3(FunctionalOptimizer):
 
     def _check_group(self, group: Mapping[str, Any]) -> None:
         # torch-SM3's checks, plus: real numbers only (the fast path takes floats)
-        for name, low, high in (("lr", 0.0, None), ("momentum", 0.0, 1.0), ("beta", 0.0, 1.0), ("eps", 0.0, None)):
+        for name in ("lr", "momentum", "beta", "eps"):
             value = group[name]
             if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise TypeError(f"{name} must be a real number, got {value!r} of type {type(value).__name__}")
-            _checks.check_scalar(name, value, low, high)
+        _checks.check_sm3_hyperparameters(group["lr"], group["momentum"], group["beta"], group["eps"], lr_name="lr")
 
     def _state_key(self, template: Template) -> str:
         if template == (_MOMENTUM_STAGE, PARAM):

@@ -86,9 +86,12 @@ def ema(
         sparse update passes through unchanged in any case.
     """
     _checks.check_scalar("decay", decay, 0.0, 1.0)
-    return _buffered(
-        "ema", dtype, lambda m, u: (lambda new: (new, new))(ema_step(m, u, decay)), sparse
-    )
+
+    def step(m: torch.Tensor, u: torch.Tensor):
+        new = ema_step(m, u, decay)
+        return new, new  # the new buffer is also the outgoing update
+
+    return _buffered("ema", dtype, step, sparse)
 
 
 def trace(

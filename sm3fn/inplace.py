@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from sm3fn import _checks, _tree
-from sm3fn._inplace import sm3_apply_
+from sm3fn._inplace import check_kernel_choice, sm3_apply_
 from sm3fn.base import OptState, ScalarOrSchedule, Tree
 from sm3fn.transforms.scaling import COUNT
 from sm3fn.transforms.sm3 import accumulators_by_param, check_grad
@@ -44,6 +44,7 @@ def sm3_update_(
     beta: float | torch.Tensor = 0.0,
     eps: float = 1e-30,
     compiled: bool = False,
+    fused: Optional[bool] = None,
     block_elements: Optional[int] = None,
 ) -> None:
     """One :func:`sm3fn.sm3` step, in place: ``params``, and ``state``, are updated; nothing is returned.
@@ -66,11 +67,14 @@ def sm3_update_(
       grads: the same keys (``None`` for frozen ones); only read.
       state: the state TensorDict of ``sm3fn.sm3(...)``, updated in place.
       learning_rate, momentum, beta, eps: as in :func:`sm3fn.sm3`.
-      compiled: fuse each block with ``torch.compile`` (the first call
-        compiles for a few seconds; later calls are faster).
+      fused: one C++ sweep per CPU float32/float64 tensor (``None``, the
+        default: where it can be built; see :class:`sm3fn.optim.SM3`).
+      compiled: fuse each block with ``torch.compile`` instead (the first
+        call compiles for a few seconds; later calls are faster).
       block_elements: elements per block of the fast path (default: tuned).
     """
     _checks.check_sm3_hyperparameters(learning_rate, momentum, beta, eps)
+    check_kernel_choice(fused, compiled)
     momentum_f, beta_f = _as_float("momentum", momentum), _as_float("beta", beta)
     schedule = callable(learning_rate) and not isinstance(learning_rate, torch.Tensor)
     if not schedule:
@@ -124,6 +128,7 @@ def sm3_update_(
         [buffers[path] if with_momentum else None for path in live],
         lr=lr, momentum=momentum_f, beta=beta_f, eps=eps,
         compiled=compiled, block_elements=block_elements,
+        fused=False if compiled and fused is None else fused,
     )
     if schedule:
         count.add_(1)

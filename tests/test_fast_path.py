@@ -67,6 +67,7 @@ def _functional_run(tx, params, grads_seq):
 
 
 def _inplace_run(tx, params, grads_seq, **kw):
+    kw.setdefault("fused", False)  # the blocked path; tests/test_fused.py runs the fused kernel
     params = {k: v.clone() for k, v in params.items()}
     state = tx.init(params)
     for grads in grads_seq:
@@ -88,10 +89,12 @@ def _random_grads(gen, shapes, dtype, steps, zero_row=True):
     return out
 
 
-@pytest.mark.parametrize("shape", [(), (9,), (6, 5), (4, 3, 2)], ids=str)
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("shape", [(), (9,), (6, 5), (4, 3, 2), (3, 37)], ids=str)
 @pytest.mark.parametrize("momentum,beta", [(0.0, 0.0), (0.9, 0.5)])
-def test_sm3_update_matches_float64_reference(shape, momentum, beta):
-    """sm3_update_ (small blocks, so every path is crossed) against the coordinate-loop reference."""
+def test_sm3_update_matches_float64_reference(shape, momentum, beta, fused):
+    """sm3_update_ against the coordinate-loop reference: the blocked path (small blocks,
+    so every path is crossed) and the fused kernel (rows of 37: full vectors and a tail)."""
     rng = np.random.default_rng(3)
     p0 = rng.standard_normal(shape)
     ref = ReferenceSM3(p0, lr=0.05, momentum=momentum, beta=beta)
@@ -101,7 +104,7 @@ def test_sm3_update_matches_float64_reference(shape, momentum, beta):
         g = random_gradient(rng, shape)
         ref.step(g)
         sm3fn.sm3_update_(params, {"p": torch.tensor(g)}, state, learning_rate=0.05,
-                          momentum=momentum, beta=beta, block_elements=4)
+                          momentum=momentum, beta=beta, block_elements=4, fused=fused)
     np.testing.assert_allclose(params["p"].numpy(), ref.p, rtol=1e-9, atol=1e-12)
 
 
@@ -224,11 +227,13 @@ def test_sm3_update_rejects_bad_input_before_writing():
             assert torch.equal(a, before_s[key])
 
 
-@pytest.mark.parametrize("dtype,momentum", [(torch.float32, 0.0), (torch.bfloat16, 0.9)])
-def test_step_allocates_no_parameter_sized_memory(dtype, momentum):
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("dtype,momentum", [(torch.float32, 0.0), (torch.float32, 0.9), (torch.bfloat16, 0.9)])
+def test_step_allocates_no_parameter_sized_memory(dtype, momentum, fused):
     """The allocator's peak during a fast step stays near the block scratch, far below one
-    parameter; the differentiable step, measured the same way, allocates several (so the
-    measurement itself can see a full-size temporary)."""
+    parameter (the fused kernel's running maxima are not tensors: its peak is the blocked
+    path's or less); the differentiable step, measured the same way, allocates several (so
+    the measurement itself can see a full-size temporary)."""
     gen = torch.Generator().manual_seed(8)
     # "wide": rows longer than a block, so blocks split dim 1
     shapes = {"big": (4096, 256), "bias": (256,), "cube": (16, 32, 64), "wide": (2, 3, 8192)}
@@ -237,9 +242,10 @@ def test_step_allocates_no_parameter_sized_memory(dtype, momentum):
     tx = sm3fn.sm3(0.1, momentum=momentum)
     state = tx.init(params)
     block = 4096
-    sm3fn.sm3_update_(params, grads, state, learning_rate=0.1, momentum=momentum, block_elements=block)
+    sm3fn.sm3_update_(params, grads, state, learning_rate=0.1, momentum=momentum, block_elements=block,
+                      fused=fused)
     peak = step_peak_bytes(lambda: sm3fn.sm3_update_(
-        params, grads, state, learning_rate=0.1, momentum=momentum, block_elements=block))
+        params, grads, state, learning_rate=0.1, momentum=momentum, block_elements=block, fused=fused))
     big_bytes = params["big"].numel() * params["big"].element_size()
     # scratch: a few float32 buffers of one block, plus running maxima (at most the
     # accumulators' size, SM3's own few numbers per parameter) and a little slack

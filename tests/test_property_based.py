@@ -148,13 +148,16 @@ def test_adapter_and_functional_paths_agree(shapes, dtype, h, exps, seed):
     """sm3fn.optim.SM3 (in-place fast path) and sm3fn.sm3 (pure update) take the
     same steps, frozen (grad None) parameters included.  The accumulators depend
     only on the gradients and come out bit-identical; parameters differ by the
-    rounding of the final add (one rounding in place, up to three out of place)."""
+    rounding of the final add (one rounding in place, up to three out of place).
+    The blocked path (fused=False) runs the same ATen kernels as the pure path;
+    the fused kernel's square root is the IEEE one, which ATen's float32 sqrt
+    misses by an ulp now and then (tests/test_fused.py holds it to rounding)."""
     from sm3fn.optim import SM3
 
     rng = np.random.default_rng(seed)
     init = {f"p{i}": gradient(rng, s, 0, dtype) for i, s in enumerate(shapes)}
     tensors = [v.clone().requires_grad_() for v in init.values()]
-    opt = SM3(tensors, lr=h["lr"], momentum=h["momentum"], beta=h["beta"], eps=h["eps"])
+    opt = SM3(tensors, lr=h["lr"], momentum=h["momentum"], beta=h["beta"], eps=h["eps"], fused=False)
     tx = sm3fn.sm3(h["lr"], momentum=h["momentum"], beta=h["beta"], eps=h["eps"])
     params = dict(init)
     state = tx.init(params)

@@ -27,6 +27,7 @@ from typing import Any, Callable, Mapping, Optional
 import torch
 
 from sm3fn import _checks, _sharded, _sparse
+from sm3fn._inplace import check_kernel_choice
 from sm3fn.alias import sm3 as sm3_tx
 from sm3fn.optim.functional import PARAM, FunctionalOptimizer, Template, param_key
 from sm3fn.optim.functional import _describe as _describe_value
@@ -89,10 +90,17 @@ class SM3(FunctionalOptimizer):
         into NaN, and a NaN poisons the accumulators of its row and column
         (see README, "Guarantees").  ``sm3fn.apply_if_finite`` is the
         functional form.
+      fused: step each CPU float32/float64 parameter with one C++ sweep
+        (generated from the same equations, built by torch.compile's compiler
+        on the first step, about a second per configuration; cached on disk).
+        ``None`` (default): wherever it can be built, else (one warning) the
+        blocked path; ``False``: always the blocked path (no compiler needed);
+        ``True``: an error if it cannot be built.  Other parameters (bf16,
+        CUDA, DTensor shards that are not contiguous, sparse) take the blocked
+        path either way.  Same numbers to float rounding (README, "Speed and memory").
       compiled: run the dense step's blocks through ``torch.compile``
-        (inductor fuses each block's step into one loop nest; the first steps
-        compile, seconds per configuration; see README, "Speed and memory").
-        Same numbers as eager to float rounding.
+        instead (inductor; the first steps compile, seconds per
+        configuration); excludes ``fused=True``.
 
     Sparse gradients (``nn.Embedding(sparse=True)``, ``nn.EmbeddingBag(sparse=True)``,
     any ``torch.sparse_coo`` gradient) update only the rows they touch, with
@@ -123,12 +131,13 @@ class SM3(FunctionalOptimizer):
         momentum_dtype: Optional[torch.dtype] = None,
         skip_nonfinite: bool = False,
         compiled: bool = False,
+        fused: Optional[bool] = None,
     ):
         if not isinstance(skip_nonfinite, bool):
             raise TypeError(f"skip_nonfinite must be a bool, got {skip_nonfinite!r}")
-        if not isinstance(compiled, bool):
-            raise TypeError(f"compiled must be a bool, got {compiled!r}")
+        check_kernel_choice(fused, compiled)
         self.compiled = compiled
+        self.fused = fused
         self.skip_nonfinite = skip_nonfinite
         self.skipped_steps = 0
         _checks.check_dtype_arg("accumulator_dtype", accumulator_dtype)
@@ -142,9 +151,10 @@ class SM3(FunctionalOptimizer):
 
     # -- torch-SM3's names for sm3fn.sm3's state ------------------------------------------
 
-    compiled = False  # the default for optimizers pickled before the option existed
+    compiled = False  # the defaults for optimizers pickled before the options existed
+    fused = None
     _PICKLED = FunctionalOptimizer._PICKLED + (
-        "accumulator_dtype", "momentum_dtype", "skip_nonfinite", "skipped_steps", "compiled")
+        "accumulator_dtype", "momentum_dtype", "skip_nonfinite", "skipped_steps", "compiled", "fused")
 
     def _check_group(self, group: Mapping[str, Any]) -> None:
         # torch-SM3's checks, plus: real numbers only (the fast path takes floats)
@@ -283,6 +293,7 @@ class SM3(FunctionalOptimizer):
                 beta=group["beta"],
                 eps=group["eps"],
                 compiled=self.compiled,
+                fused=False if self.compiled else self.fused,
             )
             for s in states:
                 s[STEP] += 1

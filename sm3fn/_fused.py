@@ -26,7 +26,8 @@ last dim).  For each row, every element's ``nu``, ``u``, momentum and new
 parameter come from the traced lines; the row's maximum of ``nu`` goes to the
 accumulators of the leading dims, and each column's running maximum to the
 last one.  Each thread keeps its own running maxima (``threads x sum(shape)``
-numbers), merged and saturated after the sweep, so the old accumulator
+numbers, in a tensor the caller allocates, so that the allocator sees
+it), merged and saturated after the sweep, so the old accumulator
 values every row reads are never overwritten mid-step.  0-d/1-d tensors
 have a full-size accumulator: their sweep is elementwise.
 """
@@ -229,7 +230,6 @@ def _body(dtype: torch.dtype, k: int, momentum: float, beta: float, eps: float) 
 
 _PRELUDE = """
 #include <torch/csrc/inductor/cpp_prefix.h>
-#include <vector>
 using scalar_t = {ctype};
 using V = at::vec::Vectorized<scalar_t>;
 """
@@ -237,10 +237,12 @@ using V = at::vec::Vectorized<scalar_t>;
 # A tensor of k >= 2 dims as rows x m.  ``{accs}``: the accumulator pointers.
 _SWEEP_ROWS = """
 extern "C" void kernel(const scalar_t* g, scalar_t* p, scalar_t* mom, {acc_params},
-                       const double* lr_ptr, const int64_t* shape, const int64_t nthreads)
+                       const double* lr_ptr, {shape_params}, const int64_t nthreads,
+                       scalar_t* running)
 {{
     constexpr int K = {k};
     scalar_t* acc[K] = {{{acc_names}}};
+    const int64_t shape[K] = {{{shape_names}}};
     const int64_t m = shape[K - 1];
     int64_t rows = 1, total = 0, offset[K];
     for (int d = 0; d < K; ++d) {{ offset[d] = total; total += shape[d]; }}
@@ -248,11 +250,12 @@ extern "C" void kernel(const scalar_t* g, scalar_t* p, scalar_t* mom, {acc_param
     const V lr(static_cast<scalar_t>(lr_ptr[0]));
     const scalar_t lowest = -std::numeric_limits<scalar_t>::infinity();
     // running maxima of nu, one set per thread: [a_0 | a_1 | ... | a_{{K-1}}]
-    std::vector<scalar_t> running(nthreads * total, lowest);
+    // (``running`` holds nthreads * total numbers, allocated by the caller)
+    std::fill(running, running + nthreads * total, lowest);
     #pragma omp parallel num_threads(nthreads)
     {{
         const int64_t tid = omp_get_thread_num();
-        scalar_t* mine = running.data() + tid * total;
+        scalar_t* mine = running + tid * total;
         scalar_t* col = mine + offset[K - 1];
         for (int64_t q = rows * tid / nthreads; q < rows * (tid + 1) / nthreads; ++q) {{
             int64_t index[K], rest = q;
@@ -300,7 +303,7 @@ extern "C" void kernel(const scalar_t* g, scalar_t* p, scalar_t* mom, {acc_param
     for (int d = 0; d < K; ++d) {{
         for (int64_t i = 0; i < shape[d]; i += V::size()) {{
             const int64_t n = std::min<int64_t>(V::size(), shape[d] - i);
-            auto x_ = V::loadu(running.data() + offset[d] + i, n);
+            auto x_ = V::loadu(running + offset[d] + i, n);
 {saturate}
             sat_o.store(acc[d] + i, n);
         }}
@@ -356,6 +359,8 @@ def source(dtype: torch.dtype, k: int, momentum: float, beta: float, eps: float)
         k=k, last=k - 1,
         acc_params=", ".join(f"scalar_t* acc{i}" for i in range(k)),
         acc_names=", ".join(f"acc{i}" for i in range(k)),
+        shape_params=", ".join(f"const int64_t n{i}" for i in range(k)),
+        shape_names=", ".join(f"n{i}" for i in range(k)),
         lead_loads=_indent("\n".join(f"auto a{i}_ = V(acc[{i}][index[{i}]]);" for i in range(k - 1)), 12),
         body=_indent(body, 16), saturate=_indent(sat, 12), **fields,
     )
@@ -398,7 +403,8 @@ def _kernel(dtype: torch.dtype, k: int, momentum: float, beta: float, eps: float
                 if key[1] <= 1:
                     argtypes = pointers + [f"{ctype}*", "const double*", "const int64_t", "const int64_t"]
                 else:
-                    argtypes = pointers + [f"{ctype}*"] * k + ["const double*", "const int64_t*", "const int64_t"]
+                    argtypes = (pointers + [f"{ctype}*"] * k + ["const double*"]
+                                + ["const int64_t"] * (k + 1) + [f"{ctype}*"])
                 try:
                     kernel = CppPythonBindingsCodeCache.load_pybinding(argtypes, source(*key))
                 except Exception as e:  # no compiler, or one that fails: say what to do
@@ -410,6 +416,9 @@ def _kernel(dtype: torch.dtype, k: int, momentum: float, beta: float, eps: float
     return kernel
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
 def supported(p: torch.Tensor, g: torch.Tensor, accs: Sequence[torch.Tensor],
               m: Optional[torch.Tensor]) -> bool:
     """Whether the kernel can step this parameter (else the blocked path does).
@@ -418,32 +427,32 @@ def supported(p: torch.Tensor, g: torch.Tensor, accs: Sequence[torch.Tensor],
     parameter, gradient, accumulators and momentum buffer; plain tensors only
     (no DTensor or other subclass).
     """
-    tensors = [p, g, *accs] + ([] if m is None else [m])
-    return (
-        p.dtype in DTYPES
-        and all(type(t) is torch.Tensor or type(t) is torch.nn.Parameter for t in tensors)
-        and all(t.device.type == "cpu" and t.layout == torch.strided and t.dtype == p.dtype
-                and t.is_contiguous() for t in tensors)
-    )
+    dtype = p.dtype
+    if dtype not in DTYPES:
+        return False
+    for t in (p, g, *accs) if m is None else (p, g, *accs, m):
+        if (type(t) not in _PLAIN or t.dtype != dtype or t.device.type != "cpu"
+                or t.layout != torch.strided or not t.is_contiguous()):
+            return False
+    return True
 
 
-def sweep_(p: torch.Tensor, g: torch.Tensor, accs: Sequence[torch.Tensor], m: Optional[torch.Tensor],
-           lr: torch.Tensor, momentum: float, beta: float, eps: float) -> None:
+def sweep_(kernel, p: torch.Tensor, g: torch.Tensor, accs: Sequence[torch.Tensor],
+           m: Optional[torch.Tensor], lr: torch.Tensor) -> None:
     """One SM3 step on ``p`` in place (accumulators and ``m`` too): one sweep, see the module docstring.
 
-    ``lr`` is a 0-d float64 CPU tensor.  The caller checks :func:`supported`
-    and skips tensors with no elements.
+    ``kernel`` is :func:`build`'s for this tensor; ``lr`` a 0-d float64 CPU
+    tensor.  The caller checks :func:`supported` and skips tensors with no
+    elements.
     """
-    k = g.dim()
-    kernel = build(g, m, momentum, beta, eps)
     threads = 1 if g.numel() < _PARALLEL_MIN_ELEMENTS else torch.get_num_threads()
     mom = m if m is not None else p  # never read or written without momentum
-    if k <= 1:
+    if g.dim() <= 1:
         kernel(g, p, mom, accs[0], lr, g.numel(), threads)
     else:
-        rows = g.numel() // g.shape[-1]
-        threads = max(1, min(threads, rows))
-        shape = torch.tensor(g.shape, dtype=torch.int64)
-        kernel(g, p, mom, *accs, lr, shape, threads)
+        threads = max(1, min(threads, g.numel() // g.shape[-1]))
+        # the threads' running maxima: sum(shape) numbers each, SM3's own state size
+        running = torch.empty(threads * sum(g.shape), dtype=g.dtype)
+        kernel(g, p, mom, *accs, lr, *g.shape, threads, running)
     # written through raw pointers: tell autograd, as an ATen in-place op would
-    torch.autograd.graph.increment_version([p, *accs] + ([] if m is None else [m]))
+    torch.autograd.graph.increment_version([p, *accs] if m is None else [p, *accs, m])

@@ -168,7 +168,7 @@ def sm3_apply_(
         if g.numel() == 0:
             continue  # nothing to step, and its accumulators cover nothing
         if j in swept:
-            _fused.sweep_(p, g, accs, m, lr64, momentum, beta, eps)
+            _fused.sweep_(swept[j], p, g, accs, m, lr64)
             continue
         if g.dim() <= 1 and g.numel() <= block_elements:
             key = (g.device, g.dtype, p.dtype, accs[0].dtype, None if m is None else m.dtype)
@@ -204,26 +204,24 @@ def _use_fused(fused: Optional[bool], compiled: bool) -> bool:
     return fused is True or _fused.unavailable is None
 
 
-def _fused_kernels(use, strict, params, grads, accumulators, momentum_buffers, momentum, beta, eps) -> set[int]:
-    """The indices of the tensors the fused kernel steps, with their kernels built.
+def _fused_kernels(use, strict, params, grads, accumulators, momentum_buffers, momentum, beta, eps) -> dict:
+    """The tensors the fused kernel steps: index -> its kernel, built.
 
     Every kernel is built before any tensor is written, so a build that fails
     (``strict``: ``fused=True``) raises with everything as it was; otherwise
     the blocked path takes every tensor, and later steps do not try again.
     """
     if not use:
-        return set()
-    swept = {j for j, (p, g, accs, m) in enumerate(zip(params, grads, accumulators, momentum_buffers))
-             if g.numel() and _fused.supported(p, g, accs, m)}
+        return {}
     try:
-        for j in swept:
-            _fused.build(grads[j], momentum_buffers[j], momentum, beta, eps)
+        return {j: _fused.build(g, m, momentum, beta, eps)
+                for j, (p, g, accs, m) in enumerate(zip(params, grads, accumulators, momentum_buffers))
+                if g.numel() and _fused.supported(p, g, accs, m)}
     except _fused.BuildError as e:
         if strict:
             raise
         _fused.give_up(e)
-        return set()
-    return swept
+        return {}
 
 
 class _Scratch:

@@ -46,16 +46,19 @@ def is_dtensor(t: Optional[torch.Tensor]) -> bool:
     return DTensor is not None and isinstance(t, DTensor)
 
 
-def check_same_kind(owner: str, path: _tree.Path, **tensors: Optional[torch.Tensor]) -> None:
+def check_same_kind(owner: str, path, **tensors: Optional[torch.Tensor]) -> None:
     """All tensors of one parameter must be DTensors on one mesh, or all plain tensors.
 
     ``tensors`` maps a role (``param``, ``grad``, ``state``...) to a tensor
     (``None`` entries are skipped).  Raises a ``TypeError`` naming the
     parameter (``owner: parameter 'path'``; ``path`` may also be a ready
-    description, a str) before DTensor raises a deep dispatch error.
+    description, a str, or a function that makes one, called only to raise)
+    before DTensor raises a deep dispatch error.
     """
     if not any(is_dtensor(t) for t in tensors.values()):
         return
+    if callable(path):
+        path = path()
     name = path if isinstance(path, str) else f"parameter {_tree.fmt(path)}"
     present = {role: t for role, t in tensors.items() if t is not None}
     kinds = {role: is_dtensor(t) for role, t in present.items()}

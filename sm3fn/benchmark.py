@@ -8,7 +8,8 @@ Every optimizer steps the same parameters with the same random gradients;
 the steps are interleaved round-robin (the order rotates each round) so
 that a noisy, shared machine slows them all alike, and ratios are taken
 within the process.  Reported per optimizer: median step time with its
-interquartile range and min, the optimizer-state bytes, and the extra peak
+interquartile range and min, the median (and IQR) over rounds of its step
+time divided by fused Adam's in the same round, the optimizer-state bytes, and the extra peak
 memory of one step (the peak of the CPU allocator's live bytes during the
 step above what was live before it, read from ``torch.profiler``'s memory
 events).  It runs on one thread (``torch.set_num_threads(1)``) in float32.
@@ -21,7 +22,6 @@ plain Python loop calling the same math on the same 200 tensors.
 from __future__ import annotations
 
 import argparse
-import inspect
 import os
 import platform
 import statistics
@@ -31,7 +31,6 @@ from typing import Callable, Optional
 import torch
 
 import sm3fn
-from sm3fn._inplace import sm3_apply_
 from sm3fn._sm3_math import init_accumulators, sm3_block
 
 #: name -> (n_embd, n_layer, vocab, n_ctx)
@@ -98,52 +97,32 @@ def step_peak_bytes(fn: Callable[[], object]) -> int:
     return peak
 
 
-class SM3Steps:
-    """sm3fn's fast path on a list of parameters (used when ``sm3fn.optim`` is not available)."""
-
-    def __init__(self, params, lr: float, momentum: float, compiled: bool = False):
-        self.params, self.lr, self.momentum, self.compiled = list(params), lr, momentum, compiled
-        self.accs = [list(init_accumulators(p, torch.float32)) for p in self.params]
-        self.bufs = [torch.zeros_like(p) if momentum else None for p in self.params]
-
-    def step(self):
-        sm3_apply_(self.params, [p.grad for p in self.params], self.accs, self.bufs,
-                   lr=self.lr, momentum=self.momentum, beta=0.0, eps=1e-30, compiled=self.compiled)
-
-    def state_tensors(self):
-        return [a for accs in self.accs for a in accs] + [b for b in self.bufs if b is not None]
-
-
 def _torch_state(opt: torch.optim.Optimizer):
     return [v for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
 
 
-def _sm3fn_optim(params, lr, momentum, compiled):
-    """sm3fn.optim.SM3 when this checkout has it (and takes ``compiled`` if asked), else None."""
-    try:
-        from sm3fn.optim import SM3
-    except ImportError:
-        return None
-    if compiled and "compiled" not in inspect.signature(SM3).parameters:
-        return None
-    kwargs = {"compiled": True} if compiled else {}
-    return SM3(params, lr=lr, momentum=momentum, **kwargs)
+#: sm3fn.optim.SM3 variants: name suffix -> keyword arguments
+SM3_KERNELS = {
+    "fused": {"fused": True},  # what SM3(...) runs by default on CPU float32/float64
+    "blocked": {"fused": False},  # the eager path: no compiler needed
+    "compiled": {"compiled": True},  # the blocked step through torch.compile
+}
 
 
 def make_optimizers(params, include_compiled: bool, include_torch_sm3: bool):
     """name -> (step function, state-tensor function, what runs)."""
+    from sm3fn.optim import SM3
+
     lr = 1e-6  # tiny: every optimizer steps the same shared parameters
     out = {}
     for momentum in (0.0, 0.9):
-        for compiled in (False, True) if include_compiled else (False,):
-            name = f"sm3fn m={momentum:g}{' compiled' if compiled else ''}"
-            opt = _sm3fn_optim(params, lr, momentum, compiled)
-            if opt is None:
-                opt = SM3Steps(params, lr, momentum, compiled)
-                out[name] = (opt.step, opt.state_tensors, "sm3fn._inplace.sm3_apply_"
-                             + ("(compiled=True)" if compiled else ""))
-            else:
-                out[name] = (opt.step, lambda opt=opt: _torch_state(opt), "sm3fn.optim.SM3")
+        for kernel, kwargs in SM3_KERNELS.items():
+            if kernel == "compiled" and not include_compiled:
+                continue
+            opt = SM3(params, lr=lr, momentum=momentum, **kwargs)
+            args = ", ".join(f"{k}={v}" for k, v in kwargs.items())
+            out[f"sm3fn m={momentum:g} {kernel}"] = (
+                opt.step, lambda opt=opt: _torch_state(opt), f"sm3fn.optim.SM3({args})")
     candidates = {
         "Adam fused": lambda: torch.optim.Adam(params, lr=lr, fused=True),
         "Adam foreach": lambda: torch.optim.Adam(params, lr=lr, foreach=True),
@@ -191,14 +170,25 @@ def bench_preset(preset: str, repeats: int, include_compiled: bool, include_torc
     rows = {}
     for name in names:
         ts = sorted(times[name])
-        q = statistics.quantiles(ts, n=4) if len(ts) > 1 else [ts[0]] * 3
+        q = _quartiles(ts)
         rows[name] = {
-            "median_ms": 1e3 * statistics.median(ts), "q1_ms": 1e3 * q[0], "q3_ms": 1e3 * q[2],
+            "median_ms": 1e3 * q[1], "q1_ms": 1e3 * q[0], "q3_ms": 1e3 * q[2],
             "min_ms": 1e3 * ts[0], "state_bytes": state_bytes(opts[name][1]()),
             "peak_bytes": step_peak_bytes(opts[name][0]), "runs": opts[name][2],
         }
+        if "Adam fused" in times:
+            # paired: each round's step over fused Adam's step of the same round
+            rows[name]["x_adam"] = _quartiles([t / a for t, a in zip(times[name], times["Adam fused"])])
     return {"preset": preset, "params": n, "tensors": len(params), "param_bytes": param_bytes,
             "sm3_min_state_bytes": sm3_min_state_bytes(params), "rows": rows}
+
+
+def _quartiles(values: list[float]) -> tuple[float, float, float]:
+    """(q1, median, q3) of ``values``."""
+    if len(values) == 1:
+        return values[0], values[0], values[0]
+    q = statistics.quantiles(values, n=4)
+    return q[0], statistics.median(values), q[2]
 
 
 def bench_functional_overhead(n_tensors: int = 200, repeats: int = 30, size: int = 64) -> dict:
@@ -258,19 +248,26 @@ def format_table(result: dict) -> str:
     lines = [
         f"preset {result['preset']}: {result['params'] / 1e6:.1f}M params, {result['tensors']} tensors, "
         f"{_mib(result['param_bytes'])} MiB; SM3 minimum state {_mib(result['sm3_min_state_bytes'])} MiB",
-        f"{'optimizer':22s} {'median ms':>9s} {'IQR ms':>15s} {'min ms':>7s} {'x Adam fused':>12s} "
+        f"{'optimizer':22s} {'median ms':>9s} {'IQR ms':>15s} {'min ms':>7s} {'x Adam fused (IQR)':>18s} "
         f"{'torch-SM3 /':>11s} {'state MiB':>9s} {'step peak MiB':>13s} {'peak % params':>13s}",
     ]
     for name, r in rows.items():
         lines.append(
             f"{name:22s} {r['median_ms']:9.1f} {r['q1_ms']:7.1f}-{r['q3_ms']:<7.1f} {r['min_ms']:7.1f} "
-            f"{(r['median_ms'] / ref if ref else float('nan')):12.2f} "
+            f"{_ratio(r):>18s} "
             f"{(tsm3 / r['median_ms'] if tsm3 else float('nan')):11.1f} "
             f"{_mib(r['state_bytes']):>9s} {_mib(r['peak_bytes']):>13s} "
             f"{100 * r['peak_bytes'] / result['param_bytes']:13.2f}"
         )
     lines += [f"  {name}: {r['runs']}" for name, r in rows.items() if name.startswith("sm3fn")]
     return "\n".join(lines)
+
+
+def _ratio(row: dict) -> str:
+    if "x_adam" not in row:
+        return "n/a"
+    q1, med, q3 = row["x_adam"]
+    return f"{med:.2f} ({q1:.2f}-{q3:.2f})"
 
 
 def plot(results: list[dict], path: str) -> None:

@@ -12,12 +12,14 @@ def test_benchmark_quick_runs(tmp_path, capsys):
     out = capsys.readouterr().out
     assert png.stat().st_size > 0
     rows = results[0]["rows"]
-    for name in ("sm3fn m=0", "sm3fn m=0.9", "Adam fused", "Adam foreach", "Adagrad", "Adafactor"):
+    for name in ("sm3fn m=0 fused", "sm3fn m=0 blocked", "sm3fn m=0.9 fused", "sm3fn m=0.9 blocked",
+                 "Adam fused", "Adam foreach", "Adagrad", "Adafactor"):
         assert name in rows and name in out
         assert rows[name]["median_ms"] > 0
     # SM3's state is its accumulators (+ step counters; no momentum buffer at momentum 0)
     minimum = results[0]["sm3_min_state_bytes"]
-    assert minimum <= rows["sm3fn m=0"]["state_bytes"] <= 1.05 * minimum
+    for kernel in ("fused", "blocked"):
+        assert minimum <= rows[f"sm3fn m=0 {kernel}"]["state_bytes"] <= 1.05 * minimum
     assert "functional / plain loop" in out
 
 

@@ -244,8 +244,8 @@ class SM3(FunctionalOptimizer):
                         f"dtype {g.dtype}; SM3 optimizes real floating-point tensors only"
                     )
                 state = self.state.get(p, {})
-                _sharded.check_same_kind(
-                    "SM3", self._describe_param(group, p, index[id(p)]), param=p, grad=g,
+                _sharded.check_same_kind(  # the description is made only to raise: it walks the group
+                    "SM3", lambda: self._describe_param(group, p, index[id(p)]), param=p, grad=g,
                     **{k: v for k, v in state.items() if k != STEP and isinstance(v, torch.Tensor)},
                 )
                 (dense if g.layout == torch.strided else sparse).append(p)

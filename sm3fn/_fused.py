@@ -74,35 +74,25 @@ class _Sym:
         trace = next(a.trace for a in _flat(args, kwargs) if isinstance(a, _Sym))
         return trace.call(func, args, kwargs)
 
-    # Python operators (``nu != 0``, ``1 - beta`` stays a float): the same lines
-    def __ne__(self, other):  # type: ignore[override]
-        return self.trace.call(torch.ne, (self, other), {})
+    def __bool__(self):
+        # a Python branch on a traced value would bake one side into the kernel
+        raise NotImplementedError("the fused kernel cannot branch on a traced value")
 
-    def __eq__(self, other):  # type: ignore[override]
-        return self.trace.call(torch.eq, (self, other), {})
-
-    def __mul__(self, other):
-        return self.trace.call(torch.mul, (self, other), {})
-
-    def __rmul__(self, other):
-        return self.trace.call(torch.mul, (other, self), {})
-
-    def __add__(self, other):
-        return self.trace.call(torch.add, (self, other), {})
-
-    def __radd__(self, other):
-        return self.trace.call(torch.add, (other, self), {})
-
-    def __sub__(self, other):
-        return self.trace.call(torch.sub, (self, other), {})
-
-    def __rsub__(self, other):
-        return self.trace.call(torch.sub, (other, self), {})
-
-    def __truediv__(self, other):
-        return self.trace.call(torch.div, (self, other), {})
-
+    # Python operators (``nu != 0``, ``lr * u``) record the same lines; set below the class
     __hash__ = object.__hash__
+
+
+def _operator(func, reflected: bool):
+    def operator(self, other):
+        return self.trace.call(func, (other, self) if reflected else (self, other), {})
+    return operator
+
+
+for _name, _func in {"ne": torch.ne, "eq": torch.eq, "mul": torch.mul, "add": torch.add,
+                     "sub": torch.sub, "truediv": torch.div}.items():
+    setattr(_Sym, f"__{_name}__", _operator(_func, reflected=False))
+    if _name in ("mul", "add", "sub"):
+        setattr(_Sym, f"__r{_name}__", _operator(_func, reflected=True))
 
 
 def _flat(args, kwargs):
@@ -149,23 +139,19 @@ class _Trace:
             value = kwargs.pop("value", 1)
             _no_more(func, kwargs)
             return self.emit(f"at::vec::fmadd({v(value)} * {v(args[1])}, {v(args[2])}, {v(args[0])})")
-        if func in (torch.add, torch.Tensor.add, torch.Tensor.__add__, torch.Tensor.__radd__):
+        if func is torch.add:
             alpha = kwargs.pop("alpha", 1)
             _no_more(func, kwargs)
-            if alpha == 1:
+            if not isinstance(alpha, _Sym) and alpha == 1:
                 return self.emit(f"{v(args[0])} + {v(args[1])}")
             return self.emit(f"{v(args[0])} + {v(alpha)} * {v(args[1])}")
-        binary = {torch.sub: "-", torch.mul: "*", torch.div: "/",
-                  torch.Tensor.__sub__: "-", torch.Tensor.__mul__: "*", torch.Tensor.__truediv__: "/",
-                  torch.Tensor.__rsub__: None, torch.Tensor.__rmul__: "*"}
-        if func in binary and not kwargs and binary[func] is not None:
+        binary = {torch.sub: "-", torch.mul: "*", torch.div: "/"}
+        if func in binary and not kwargs:
             return self.emit(f"{v(args[0])} {binary[func]} {v(args[1])}")
-        if func is torch.Tensor.__rsub__ and not kwargs:
-            return self.emit(f"{v(args[1])} - {v(args[0])}")
-        if func in (torch.ne, torch.Tensor.ne, torch.Tensor.__ne__) and not kwargs:
+        if func is torch.ne and not kwargs:
             # an all-ones-bits lane where true (unordered: NaN != 0 is true, as in torch)
             return self.emit(f"({v(args[0])} != {v(args[1])})")
-        if func in (torch.eq, torch.Tensor.eq, torch.Tensor.__eq__) and not kwargs:
+        if func is torch.eq and not kwargs:
             return self.emit(f"({v(args[0])} == {v(args[1])})")
         if func is torch.where and not kwargs:
             mask, a, b = args

@@ -250,6 +250,8 @@ def test_tracer_refuses_what_it_cannot_express():
         torch.exp(x)
     with pytest.raises(NotImplementedError, match="out-of-place"):
         torch.sqrt(x, out=torch.empty(1))
+    with pytest.raises(NotImplementedError, match="branch"):
+        bool(x != 0)
 
 
 def test_generated_source_comes_from_the_math_functions(monkeypatch):

@@ -59,8 +59,8 @@ class _Sym:
     operator they make is recorded, in order, as one C++ line by the
     :class:`_Trace` it belongs to.  Only the calls those functions make are
     known; any other raises, so a change to the math that the generator cannot
-    express fails loudly (and :func:`supported` callers fall back), rather than
-    generating something else.
+    express fails loudly (a :class:`BuildError`: ``fused=None`` then takes the
+    blocked path), rather than generating something else.
     """
 
     def __init__(self, trace: "_Trace", name: str, dtype: torch.dtype):
@@ -376,7 +376,7 @@ def build(g: torch.Tensor, m: Optional[torch.Tensor], momentum: float, beta: flo
 
 
 def _kernel(dtype: torch.dtype, k: int, momentum: float, beta: float, eps: float):
-    key = (dtype, min(k, 1) if k <= 1 else k, float(momentum), float(beta), float(eps))
+    key = (dtype, max(k, 1), float(momentum), float(beta), float(eps))  # 0-d and 1-d: one kernel
     kernel = _kernels.get(key)
     if kernel is None:
         with _lock:

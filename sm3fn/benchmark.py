@@ -243,7 +243,6 @@ def _mib(b: int) -> str:
 
 def format_table(result: dict) -> str:
     rows = result["rows"]
-    ref = rows.get("Adam fused", {}).get("median_ms")
     tsm3 = rows.get("torch-SM3", {}).get("median_ms")
     lines = [
         f"preset {result['preset']}: {result['params'] / 1e6:.1f}M params, {result['tensors']} tensors, "

@@ -127,8 +127,7 @@ def sm3_update_(
         [accs_by_path[path] for path in live],
         [buffers[path] if with_momentum else None for path in live],
         lr=lr, momentum=momentum_f, beta=beta_f, eps=eps,
-        compiled=compiled, block_elements=block_elements,
-        fused=False if compiled and fused is None else fused,
+        compiled=compiled, block_elements=block_elements, fused=fused,
     )
     if schedule:
         count.add_(1)

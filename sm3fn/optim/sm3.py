@@ -96,8 +96,8 @@ class SM3(FunctionalOptimizer):
         ``None`` (default): wherever it can be built, else (one warning) the
         blocked path; ``False``: always the blocked path (no compiler needed);
         ``True``: an error if it cannot be built.  Other parameters (bf16,
-        CUDA, DTensor shards that are not contiguous, sparse) take the blocked
-        path either way.  Same numbers to float rounding (README, "Speed and memory").
+        CUDA, non-contiguous, sparse gradients) take the blocked path either
+        way; DTensors run it on their local shards.  Same numbers to float rounding (README, "Speed and memory").
       compiled: run the dense step's blocks through ``torch.compile``
         instead (inductor; the first steps compile, seconds per
         configuration); excludes ``fused=True``.
@@ -293,7 +293,7 @@ class SM3(FunctionalOptimizer):
                 beta=group["beta"],
                 eps=group["eps"],
                 compiled=self.compiled,
-                fused=False if self.compiled else self.fused,
+                fused=self.fused,
             )
             for s in states:
                 s[STEP] += 1

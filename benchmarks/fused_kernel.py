@@ -1,0 +1,80 @@
+"""Per-tensor cost of SM3's fused kernel against fused Adam, on 1 and more threads.
+
+    python benchmarks/fused_kernel.py                  # GPT-2 small's matrix shapes, 1 and 2 threads
+    python benchmarks/fused_kernel.py --threads 1 4 --repeats 21
+
+For each float32 shape, SM3's fused sweep, its blocked path (``fused=False``)
+and ``torch.optim.Adam(fused=True)`` step one tensor each, interleaved round
+by round; printed: nanoseconds per element (median) and each step over
+fused Adam's of the same round (median and IQR).  The README's per-element
+and thread figures come from this script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from sm3fn._inplace import sm3_apply_
+from sm3fn._sm3_math import init_accumulators
+from sm3fn.benchmark import machine
+
+SHAPES = [(768, 768), (768, 3072), (3072, 768), (768, 2304), (50257, 768)]
+
+
+def _quartiles(values):
+    q = statistics.quantiles(values, n=4)
+    return q[0], statistics.median(values), q[2]
+
+
+def bench(shape, repeats: int) -> dict:
+    gen = torch.Generator().manual_seed(0)
+    p = torch.randn(shape, generator=gen)
+    g = torch.randn(shape, generator=gen)
+    accs = list(init_accumulators(p, torch.float32))
+    adam_p = torch.nn.Parameter(torch.randn(shape, generator=gen))
+    adam_p.grad = torch.randn(shape, generator=gen)
+    adam = torch.optim.Adam([adam_p], lr=1e-6, fused=True)
+
+    def sm3(fused):
+        return lambda: sm3_apply_([p], [g], [accs], [None], lr=1e-6, momentum=0.0, beta=0.0, eps=1e-30,
+                                  fused=fused)
+
+    steps = {"SM3 fused": sm3(True), "SM3 blocked": sm3(False), "Adam fused": adam.step}
+    for step in steps.values():  # warm-up: state, kernel build
+        step()
+    times = {k: [] for k in steps}
+    names = list(steps)
+    for r in range(repeats):
+        for name in names[r % 3:] + names[:r % 3]:
+            t = time.perf_counter()
+            steps[name]()
+            times[name].append(time.perf_counter() - t)
+    n = p.numel()
+    return {name: {"ns_per_element": 1e9 * statistics.median(ts) / n,
+                   "x_adam": _quartiles([t / a for t, a in zip(ts, times["Adam fused"])])}
+            for name, ts in times.items()}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--repeats", type=int, default=15)
+    args = ap.parse_args(argv)
+    print(f"machine: {machine().rsplit(', ', 1)[0]}")
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        print(f"\n{threads} thread(s)")
+        print(f"{'shape':>12s} {'optimizer':>12s} {'ns/element':>10s} {'x Adam fused (IQR)':>20s}")
+        for shape in SHAPES:
+            for name, r in bench(shape, args.repeats).items():
+                q1, med, q3 = r["x_adam"]
+                print(f"{str(shape):>12s} {name:>12s} {r['ns_per_element']:10.3f} "
+                      f"{f'{med:.2f} ({q1:.2f}-{q3:.2f})':>20s}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

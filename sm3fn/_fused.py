@@ -8,7 +8,7 @@ small accumulators are nearly free.  That is what this kernel does, on a CPU,
 for float32 and float64 tensors.
 
 There is no hand-written copy of the equations here.  The per-element
-arithmetic is *traced*: :func:`_trace` runs the very functions of
+arithmetic is *traced*: :func:`_body` runs the very functions of
 :mod:`sm3fn._sm3_math` that the differentiable and eager paths run
 (``cover_minimum``, ``second_moment``, ``precondition``, ``ema``,
 ``saturate``) on symbolic scalars (:class:`_Sym`, which answers torch's
@@ -18,7 +18,7 @@ The C++ template below holds only loads, stores, the loop over rows and the
 running maxima (``a_i = max of nu over every dim but i``).  The source is
 compiled by inductor's C++ code cache (:class:`CppPythonBindingsCodeCache`:
 the same compiler, flags and on-disk cache as ``torch.compile``), once per
-configuration (dtype, number of dims, momentum on/off, beta, eps, momentum);
+configuration (dtype, number of dims, beta, eps and momentum, 0 for none);
 ``lr`` is read at run time, so a schedule does not recompile.
 
 The sweep (``k >= 2`` dims): the tensor is seen as ``rows x m`` (``m`` the
@@ -220,7 +220,7 @@ using scalar_t = {ctype};
 using V = at::vec::Vectorized<scalar_t>;
 """
 
-# A tensor of k >= 2 dims as rows x m.  ``{accs}``: the accumulator pointers.
+# A tensor of k >= 2 dims as rows x m (m: its last dim); acc0..acc{k-1}: its accumulators.
 _SWEEP_ROWS = """
 extern "C" void kernel(const scalar_t* g, scalar_t* p, scalar_t* mom, {acc_params},
                        const double* lr_ptr, {shape_params}, const int64_t nthreads,

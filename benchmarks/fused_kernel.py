@@ -1,9 +1,10 @@
 """Per-tensor cost of SM3's fused kernel against fused Adam, on 1 and more threads.
 
     python benchmarks/fused_kernel.py                  # GPT-2 small's matrix shapes, 1 and 2 threads
-    python benchmarks/fused_kernel.py --threads 1 4 --repeats 21
+    python benchmarks/fused_kernel.py --threads 1 4 --repeats 21 --dtypes float32
 
-For each float32 shape, SM3's fused sweep, its blocked path (``fused=False``)
+For each shape and parameter dtype (bfloat16: SM3 with float32 statistics,
+Adam with its default, bfloat16 state), SM3's fused sweep, its blocked path (``fused=False``)
 and ``torch.optim.Adam(fused=True)`` step one tensor each, interleaved round
 by round; printed: nanoseconds per element (median) and each step over
 fused Adam's of the same round (median and IQR).  The README's per-element
@@ -30,13 +31,13 @@ def _quartiles(values):
     return q[0], statistics.median(values), q[2]
 
 
-def bench(shape, repeats: int) -> dict:
+def bench(shape, dtype: torch.dtype, repeats: int) -> dict:
     gen = torch.Generator().manual_seed(0)
-    p = torch.randn(shape, generator=gen)
-    g = torch.randn(shape, generator=gen)
-    accs = list(init_accumulators(p, torch.float32))
-    adam_p = torch.nn.Parameter(torch.randn(shape, generator=gen))
-    adam_p.grad = torch.randn(shape, generator=gen)
+    p = torch.randn(shape, generator=gen).to(dtype)
+    g = torch.randn(shape, generator=gen).to(dtype)
+    accs = list(init_accumulators(p, torch.float32 if dtype != torch.float64 else dtype))
+    adam_p = torch.nn.Parameter(torch.randn(shape, generator=gen).to(dtype))
+    adam_p.grad = torch.randn(shape, generator=gen).to(dtype)
     adam = torch.optim.Adam([adam_p], lr=1e-6, fused=True)
 
     def sm3(fused):
@@ -63,17 +64,19 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16", "float16"])
     args = ap.parse_args(argv)
     print(f"machine: {machine().rsplit(', ', 1)[0]}")
     for threads in args.threads:
         torch.set_num_threads(threads)
         print(f"\n{threads} thread(s)")
-        print(f"{'shape':>12s} {'optimizer':>12s} {'ns/element':>10s} {'x Adam fused (IQR)':>20s}")
-        for shape in SHAPES:
-            for name, r in bench(shape, args.repeats).items():
-                q1, med, q3 = r["x_adam"]
-                print(f"{str(shape):>12s} {name:>12s} {r['ns_per_element']:10.3f} "
-                      f"{f'{med:.2f} ({q1:.2f}-{q3:.2f})':>20s}", flush=True)
+        print(f"{'dtype':>9s} {'shape':>12s} {'optimizer':>12s} {'ns/element':>10s} {'x Adam fused (IQR)':>20s}")
+        for dtype in args.dtypes:
+            for shape in SHAPES:
+                for name, r in bench(shape, getattr(torch, dtype), args.repeats).items():
+                    q1, med, q3 = r["x_adam"]
+                    print(f"{dtype:>9s} {str(shape):>12s} {name:>12s} {r['ns_per_element']:10.3f} "
+                          f"{f'{med:.2f} ({q1:.2f}-{q3:.2f})':>20s}", flush=True)
 
 
 if __name__ == "__main__":

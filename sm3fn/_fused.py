@@ -5,7 +5,8 @@ block, and ``torch.compile`` makes 3 (inductor cannot fuse the row maxima,
 the column maxima and the update of an SM3 step into one loop).  One sweep
 reads ``g`` and ``p`` once and writes ``p`` once; ``min``/``max`` of the
 small accumulators are nearly free.  That is what this kernel does, on a CPU,
-for float32 and float64 tensors.
+for float32 and float64 tensors, and for bfloat16 and float16 ones with float32
+statistics (widened on load, rounded on store, as ATen's opmath does).
 
 There is no hand-written copy of the equations here.  The per-element
 arithmetic is *traced*: :func:`_body` runs the very functions of
@@ -18,7 +19,7 @@ The C++ template below holds only loads, stores, the loop over rows and the
 running maxima (``a_i = max of nu over every dim but i``).  The source is
 compiled by inductor's C++ code cache (:class:`CppPythonBindingsCodeCache`:
 the same compiler, flags and on-disk cache as ``torch.compile``), once per
-configuration (dtype, number of dims, beta, eps and momentum, 0 for none);
+configuration (dtypes, number of dims, beta, eps and momentum, 0 for none);
 ``lr`` is read at run time, so a schedule does not recompile.
 
 The sweep (``k >= 2`` dims): the tensor is seen as ``rows x m`` (``m`` the
@@ -42,9 +43,12 @@ import torch
 
 from sm3fn._sm3_math import cover_minimum, ema, precondition, saturate, second_moment
 
-#: dtypes the kernel is generated for (parameter, gradient, accumulators and
-#: momentum all of one dtype); other tensors take the blocked path.
-DTYPES = {torch.float32: "float", torch.float64: "double"}
+#: statistics (accumulator and momentum) dtypes the kernel is generated for
+STATISTICS = {torch.float32: "float", torch.float64: "double"}
+#: parameter (and gradient) dtypes: float32/float64 with statistics of their own
+#: dtype, bfloat16/float16 with float32 statistics (loaded into and stored from
+#: float32 vectors, as ATen's opmath does); other tensors take the blocked path
+PARAMS = {**STATISTICS, torch.bfloat16: "c10::BFloat16", torch.float16: "c10::Half"}
 #: below this many elements a tensor is swept by one thread (a team costs more)
 _PARALLEL_MIN_ELEMENTS = 1 << 16
 
@@ -216,13 +220,33 @@ def _body(dtype: torch.dtype, k: int, momentum: float, beta: float, eps: float) 
 
 _PRELUDE = """
 #include <torch/csrc/inductor/cpp_prefix.h>
+using param_t = {ptype};
 using scalar_t = {ctype};
 using V = at::vec::Vectorized<scalar_t>;
+
+// parameters and gradients in their own dtype, widened to the statistics dtype
+static inline V load_p(const param_t* ptr, int64_t n) {{
+    if constexpr (std::is_same_v<param_t, scalar_t>) return V::loadu(ptr, n);
+    else return at::vec::convert<scalar_t>(at::vec::Vectorized<param_t>::loadu(ptr, n));
+}}
+static inline void store_p(param_t* ptr, const V& v, int64_t n) {{
+    if constexpr (std::is_same_v<param_t, scalar_t>) {{
+        v.store(ptr, n);
+    }} else if (n == V::size()) {{
+        // a whole vector: its narrow half through an aligned buffer, a copy of constant
+        // size the compiler makes one move (store(ptr, n) copies byte counts it cannot know)
+        __at_align__ param_t narrow[at::vec::Vectorized<param_t>::size()];
+        at::vec::convert<param_t>(v).store(narrow);
+        std::memcpy(ptr, narrow, V::size() * sizeof(param_t));
+    }} else {{
+        at::vec::convert<param_t>(v).store(ptr, n);
+    }}
+}}
 """
 
 # A tensor of k >= 2 dims as rows x m (m: its last dim); acc0..acc{k-1}: its accumulators.
 _SWEEP_ROWS = """
-extern "C" void kernel(const scalar_t* g, scalar_t* p, scalar_t* mom, {acc_params},
+extern "C" void kernel(const param_t* g, param_t* p, scalar_t* mom, {acc_params},
                        const double* lr_ptr, {shape_params}, const int64_t nthreads,
                        scalar_t* running)
 {{
@@ -247,30 +271,30 @@ extern "C" void kernel(const scalar_t* g, scalar_t* p, scalar_t* mom, {acc_param
             int64_t index[K], rest = q;
             for (int d = K - 2; d >= 0; --d) {{ index[d] = rest % shape[d]; rest /= shape[d]; }}
 {lead_loads}
-            const scalar_t* gq = g + q * m;
-            scalar_t* pq = p + q * m;
+            const param_t* gq = g + q * m;
+            param_t* pq = p + q * m;
             scalar_t* mq = mom + q * m;
             V row_max(lowest);
             int64_t j = 0;
             for (; j + V::size() <= m; j += V::size()) {{
-                auto g_ = V::loadu(gq + j);
-                auto p_ = V::loadu(pq + j);
+                auto g_ = load_p(gq + j, V::size());
+                auto p_ = load_p(pq + j, V::size());
                 auto m_ = {load_m_full};
                 auto a{last}_ = V::loadu(acc[K - 1] + j);
 {body}
-                p_o.store(pq + j);
+                store_p(pq + j, p_o, V::size());
                 {store_m_full}
                 row_max = at::vec::maximum(row_max, nu_o);
                 at::vec::maximum(V::loadu(col + j), nu_o).store(col + j);
             }}
             if (j < m) {{
                 const int64_t n = m - j;
-                auto g_ = V::loadu(gq + j, n);
-                auto p_ = V::loadu(pq + j, n);
+                auto g_ = load_p(gq + j, n);
+                auto p_ = load_p(pq + j, n);
                 auto m_ = {load_m_tail};
                 auto a{last}_ = V::loadu(acc[K - 1] + j, n);
 {body}
-                p_o.store(pq + j, n);
+                store_p(pq + j, p_o, n);
                 {store_m_tail}
                 auto live = V::set(V(lowest), nu_o, n);  // lanes past the row end stay out of the maxima
                 row_max = at::vec::maximum(row_max, live);
@@ -299,7 +323,7 @@ extern "C" void kernel(const scalar_t* g, scalar_t* p, scalar_t* mom, {acc_param
 
 # A 0-d/1-d tensor: elementwise, its accumulator is full-size.
 _SWEEP_FLAT = """
-extern "C" void kernel(const scalar_t* g, scalar_t* p, scalar_t* mom, scalar_t* a0,
+extern "C" void kernel(const param_t* g, param_t* p, scalar_t* mom, scalar_t* a0,
                        const double* lr_ptr, const int64_t numel, const int64_t nthreads)
 {{
     const V lr(static_cast<scalar_t>(lr_ptr[0]));
@@ -310,12 +334,12 @@ extern "C" void kernel(const scalar_t* g, scalar_t* p, scalar_t* mom, scalar_t* 
         const int64_t end = std::min(numel, vectors * (tid + 1) / nthreads * V::size());
         for (int64_t j = vectors * tid / nthreads * V::size(); j < end; j += V::size()) {{
             const int64_t n = std::min<int64_t>(V::size(), end - j);
-            auto g_ = V::loadu(g + j, n);
-            auto p_ = V::loadu(p + j, n);
+            auto g_ = load_p(g + j, n);
+            auto p_ = load_p(p + j, n);
             auto m_ = {load_m_tail};
             auto a0_ = V::loadu(a0 + j, n);
 {body}
-            p_o.store(p + j, n);
+            store_p(p + j, p_o, n);
             {store_m_tail}
             acc_o.store(a0 + j, n);
         }}
@@ -328,8 +352,12 @@ def _indent(text: str, spaces: int) -> str:
     return "\n".join(" " * spaces + line for line in text.splitlines())
 
 
-def source(dtype: torch.dtype, k: int, momentum: float, beta: float, eps: float) -> str:
-    """The C++ source of the kernel for one configuration (see the module docstring)."""
+def source(param_dtype: torch.dtype, dtype: torch.dtype, k: int, momentum: float, beta: float,
+           eps: float) -> str:
+    """The C++ source of the kernel for one configuration (see the module docstring).
+
+    ``dtype`` is the statistics dtype, in which everything is computed.
+    """
     body, sat = _body(dtype, k, momentum, beta, eps)
     with_m = bool(momentum)
     fields = dict(
@@ -338,7 +366,7 @@ def source(dtype: torch.dtype, k: int, momentum: float, beta: float, eps: float)
         store_m_full="m_o.store(mq + j);" if with_m else "",
         store_m_tail="m_o.store({} + j, n);".format("mq" if k >= 2 else "mom") if with_m else "",
     )
-    prelude = _PRELUDE.format(ctype=DTYPES[dtype])
+    prelude = _PRELUDE.format(ptype=PARAMS[param_dtype], ctype=STATISTICS[dtype])
     if k <= 1:
         return prelude + _SWEEP_FLAT.format(body=_indent(body, 12), **fields)
     return prelude + _SWEEP_ROWS.format(
@@ -370,13 +398,15 @@ def give_up(error: BuildError) -> None:
         warnings.warn(f"{error}; SM3 steps take the blocked path", RuntimeWarning, stacklevel=4)
 
 
-def build(g: torch.Tensor, m: Optional[torch.Tensor], momentum: float, beta: float, eps: float):
+def build(g: torch.Tensor, accs: Sequence[torch.Tensor], m: Optional[torch.Tensor],
+          momentum: float, beta: float, eps: float):
     """The kernel that steps ``g``'s parameter, built (or taken from the caches) now."""
-    return _kernel(g.dtype, g.dim(), momentum if m is not None else 0.0, beta, eps)
+    return _kernel(g.dtype, accs[0].dtype, g.dim(), momentum if m is not None else 0.0, beta, eps)
 
 
-def _kernel(dtype: torch.dtype, k: int, momentum: float, beta: float, eps: float):
-    key = (dtype, max(k, 1), float(momentum), float(beta), float(eps))  # 0-d and 1-d: one kernel
+def _kernel(param_dtype: torch.dtype, dtype: torch.dtype, k: int, momentum: float, beta: float, eps: float):
+    # 0-d and 1-d: one kernel
+    key = (param_dtype, dtype, max(k, 1), float(momentum), float(beta), float(eps))
     kernel = _kernels.get(key)
     if kernel is None:
         with _lock:
@@ -384,13 +414,12 @@ def _kernel(dtype: torch.dtype, k: int, momentum: float, beta: float, eps: float
             if kernel is None:
                 from torch._inductor.codecache import CppPythonBindingsCodeCache
 
-                ctype = DTYPES[dtype]
-                pointers = [f"const {ctype}*", f"{ctype}*", f"{ctype}*"]
-                if key[1] <= 1:
-                    argtypes = pointers + [f"{ctype}*", "const double*", "const int64_t", "const int64_t"]
+                pointers = ["const param_t*", "param_t*", "scalar_t*"]  # g, p, momentum
+                if key[2] <= 1:
+                    argtypes = pointers + ["scalar_t*", "const double*", "const int64_t", "const int64_t"]
                 else:
-                    argtypes = (pointers + [f"{ctype}*"] * k + ["const double*"]
-                                + ["const int64_t"] * (k + 1) + [f"{ctype}*"])
+                    argtypes = (pointers + ["scalar_t*"] * k + ["const double*"]
+                                + ["const int64_t"] * (k + 1) + ["scalar_t*"])
                 try:
                     kernel = CppPythonBindingsCodeCache.load_pybinding(argtypes, source(*key))
                 except Exception as e:  # no compiler, or one that fails: say what to do
@@ -409,18 +438,21 @@ def supported(p: torch.Tensor, g: torch.Tensor, accs: Sequence[torch.Tensor],
               m: Optional[torch.Tensor]) -> bool:
     """Whether the kernel can step this parameter (else the blocked path does).
 
-    CPU, dense, contiguous, and one dtype (float32 or float64) for the
-    parameter, gradient, accumulators and momentum buffer; plain tensors only
-    (no DTensor or other subclass).
+    CPU, dense, contiguous; the gradient in the parameter's dtype; the
+    accumulators and momentum buffer in one statistics dtype: the parameter's
+    for float32/float64, float32 for bfloat16/float16 (see :data:`PARAMS`);
+    plain tensors only (no DTensor or other subclass).
     """
-    dtype = p.dtype
-    if dtype not in DTYPES:
+    stats = accs[0].dtype
+    if p.dtype not in PARAMS or g.dtype != p.dtype:
+        return False
+    if stats != (p.dtype if p.dtype in STATISTICS else torch.float32):
         return False
     for t in (p, g, *accs) if m is None else (p, g, *accs, m):
-        if (type(t) not in _PLAIN or t.dtype != dtype or t.device.type != "cpu"
+        if (type(t) not in _PLAIN or t.device.type != "cpu"
                 or t.layout != torch.strided or not t.is_contiguous()):
             return False
-    return True
+    return all(t.dtype == stats for t in accs) and (m is None or m.dtype == stats)
 
 
 def sweep_(kernel, p: torch.Tensor, g: torch.Tensor, accs: Sequence[torch.Tensor],
@@ -432,13 +464,13 @@ def sweep_(kernel, p: torch.Tensor, g: torch.Tensor, accs: Sequence[torch.Tensor
     elements.
     """
     threads = 1 if g.numel() < _PARALLEL_MIN_ELEMENTS else torch.get_num_threads()
-    mom = m if m is not None else p  # never read or written without momentum
+    mom = m if m is not None else accs[0]  # never read or written without momentum
     if g.dim() <= 1:
         kernel(g, p, mom, accs[0], lr, g.numel(), threads)
     else:
         threads = max(1, min(threads, g.numel() // g.shape[-1]))
         # the threads' running maxima: sum(shape) numbers each, SM3's own state size
-        running = torch.empty(threads * sum(g.shape), dtype=g.dtype)
+        running = torch.empty(threads * sum(g.shape), dtype=accs[0].dtype)
         kernel(g, p, mom, *accs, lr, *g.shape, threads, running)
     # written through raw pointers: tell autograd, as an ATen in-place op would
     torch.autograd.graph.increment_version([p, *accs] if m is None else [p, *accs, m])

@@ -24,10 +24,11 @@ cannot drift apart, and it allocates nothing the size of a parameter:
 * ``compiled=True`` runs the same block step through ``torch.compile``
   (inductor fuses it into one C++/Triton kernel per block); compiling costs
   seconds once per configuration (dims, dtypes, momentum on/off, beta, eps).
-* ``fused`` (the default ``None``: wherever it applies) hands CPU float32 and
-  float64 tensors to :mod:`sm3fn._fused`, one C++ sweep per tensor whose
-  arithmetic is traced from the same ``_sm3_math`` functions; every other
-  tensor takes the blocks above.
+* ``fused`` (the default ``None``: wherever it applies) hands CPU tensors
+  (float32/float64, and bfloat16/float16 with float32 statistics) to
+  :mod:`sm3fn._fused`, one C++ sweep per tensor whose arithmetic is traced
+  from the same ``_sm3_math`` functions; every other tensor takes the blocks
+  above.
 """
 
 from __future__ import annotations
@@ -138,7 +139,8 @@ def sm3_apply_(
     or :data:`COMPILED_BLOCK_ELEMENTS` when compiled).  ``compiled=True``
     fuses each block's step with ``torch.compile`` (opt-in: the first call
     compiles, seconds per configuration).  ``fused=True`` sweeps each CPU
-    float32/float64 tensor once with the kernel of :mod:`sm3fn._fused` (the
+    tensor the kernel of :mod:`sm3fn._fused` covers (float32/float64, and
+    bfloat16/float16 with float32 statistics) once with it (the
     first call per configuration builds it, about a second); ``None`` does
     so where the kernel can be built and falls back, with one warning, where
     it cannot.  Tensors it does not cover (other dtypes and devices,
@@ -214,7 +216,7 @@ def _fused_kernels(use, strict, params, grads, accumulators, momentum_buffers, m
     if not use:
         return {}
     try:
-        return {j: _fused.build(g, m, momentum, beta, eps)
+        return {j: _fused.build(g, accs, m, momentum, beta, eps)
                 for j, (p, g, accs, m) in enumerate(zip(params, grads, accumulators, momentum_buffers))
                 if g.numel() and _fused.supported(p, g, accs, m)}
     except _fused.BuildError as e:

@@ -103,7 +103,7 @@ def _torch_state(opt: torch.optim.Optimizer):
 
 #: sm3fn.optim.SM3 variants: name suffix -> keyword arguments
 SM3_KERNELS = {
-    "fused": {"fused": True},  # what SM3(...) runs by default on CPU float32/float64
+    "fused": {"fused": True},  # what SM3(...) runs by default on a CPU
     "blocked": {"fused": False},  # the eager path: no compiler needed
     "compiled": {"compiled": True},  # the blocked step through torch.compile
 }

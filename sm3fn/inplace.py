@@ -67,7 +67,7 @@ def sm3_update_(
       grads: the same keys (``None`` for frozen ones); only read.
       state: the state TensorDict of ``sm3fn.sm3(...)``, updated in place.
       learning_rate, momentum, beta, eps: as in :func:`sm3fn.sm3`.
-      fused: one C++ sweep per CPU float32/float64 tensor (``None``, the
+      fused: one C++ sweep per CPU tensor it covers (``None``, the
         default: where it can be built; see :class:`sm3fn.optim.SM3`).
       compiled: fuse each block with ``torch.compile`` instead (the first
         call compiles for a few seconds; later calls are faster).

@@ -27,27 +27,44 @@ SHAPES = [(), (1,), (7,), (40,), (3, 37), (17, 16), (1, 5), (5, 1), (2, 3, 19), 
 
 
 def _state(p, momentum):
-    accs = list(init_accumulators(p, p.dtype))
-    return accs, (torch.zeros_like(p) if momentum else None)
+    stats = p.dtype if p.dtype in (torch.float32, torch.float64) else torch.float32
+    accs = list(init_accumulators(p, stats))
+    return accs, (torch.zeros_like(p, dtype=stats) if momentum else None)
+
+
+def _exact(x: np.ndarray, dtype: torch.dtype) -> np.ndarray:
+    """``x`` clipped into ``dtype``'s finite range and rounded to it: what the kernel is given."""
+    high = torch.finfo(dtype).max / 4
+    return torch.tensor(np.clip(x, -high, high)).to(dtype).double().numpy()
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("momentum,beta", [(0.0, 0.0), (0.9, 0.0), (0.3, 0.5)])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
 def test_fused_matches_float64_reference(shape, momentum, beta, dtype):
-    """Six steps of random gradients (zero rows and columns included) against the reference."""
+    """Six steps of random gradients (zero rows and columns included) against the reference.
+
+    bfloat16/float16 parameters keep float32 statistics: their accumulators and
+    momentum are held to float32 rounding (the reference sees the same rounded
+    gradients), their values to one rounding of their own dtype per step."""
+    steps = 6
     rng = np.random.default_rng(abs(hash((shape, momentum, beta))) % 2**32)
-    p0 = rng.standard_normal(shape)
+    p0 = _exact(rng.standard_normal(shape), dtype)
     ref = ReferenceSM3(p0, lr=0.07, momentum=momentum, beta=beta)
-    p = torch.tensor(p0, dtype=dtype)
+    p = torch.tensor(p0).to(dtype)
+    assert _fused.supported(p, p, *_state(p, momentum))
     accs, m = _state(p, momentum)
-    for _ in range(6):
-        g = random_gradient(rng, shape) * 10.0 ** rng.integers(-3, 3)
+    for _ in range(steps):
+        g = _exact(random_gradient(rng, shape) * 10.0 ** rng.integers(-3, 3), dtype)
         ref.step(g)
-        sm3_apply_([p], [torch.tensor(g, dtype=dtype)], [accs], [m], lr=0.07, momentum=momentum,
+        sm3_apply_([p], [torch.tensor(g).to(dtype)], [accs], [m], lr=0.07, momentum=momentum,
                    beta=beta, eps=1e-30, fused=True)
     rtol, atol = (1e-10, 1e-12) if dtype == torch.float64 else (2e-5, 1e-6)
-    np.testing.assert_allclose(p.double().numpy(), ref.p, rtol=rtol, atol=atol)
+    if dtype in (torch.float32, torch.float64):
+        np.testing.assert_allclose(p.double().numpy(), ref.p, rtol=rtol, atol=atol)
+    else:  # one rounding to the parameter dtype per step
+        bound = steps * torch.finfo(dtype).eps * max(1.0, np.abs(ref.p).max())
+        np.testing.assert_allclose(p.double().numpy(), ref.p, rtol=0, atol=bound)
     for a, want in zip(accs, ref.acc):
         np.testing.assert_allclose(a.double().numpy().reshape(-1), want.reshape(-1), rtol=rtol, atol=0)
     if momentum:
@@ -70,12 +87,14 @@ def _run(fused, shapes, momentum, beta, dtype=torch.float32, steps=3, seed=0):
     return params, state
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("momentum,beta", [(0.0, 0.0), (0.9, 0.0), (0.5, 0.9)])
-def test_fused_matches_blocked_path(momentum, beta):
-    """Accumulators bit for bit; parameters and momentum to a few ulps (the square root)."""
+def test_fused_matches_blocked_path(momentum, beta, dtype):
+    """Accumulators bit for bit; momentum to a few ulps of |u| (the square root);
+    parameters to a few ulps of their dtype."""
     shapes = [(31, 29), (64, 48), (5, 6, 7), (33,), (), (1, 1)]
-    fused_p, fused_s = _run(True, shapes, momentum, beta)
-    blocked_p, blocked_s = _run(False, shapes, momentum, beta)
+    fused_p, fused_s = _run(True, shapes, momentum, beta, dtype)
+    blocked_p, blocked_s = _run(False, shapes, momentum, beta, dtype)
     u_max = 1 / np.sqrt(1 - beta)  # |u| <= 1/sqrt(1 - beta): a few of its ulps apart
     for (fa, fm), (ba, bm) in zip(fused_s, blocked_s):
         for a, b in zip(fa, ba):
@@ -83,7 +102,8 @@ def test_fused_matches_blocked_path(momentum, beta):
         if momentum:
             torch.testing.assert_close(fm, bm, rtol=0, atol=4 * torch.finfo(torch.float32).eps * u_max)
     for a, b in zip(fused_p, blocked_p):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+        eps = torch.finfo(dtype).eps
+        torch.testing.assert_close(a.float(), b.float(), rtol=2 * eps, atol=2 * eps)
 
 
 def test_threads_give_identical_numbers():
@@ -165,12 +185,12 @@ def test_learning_rate_changes_do_not_rebuild():
 
 
 def test_uncovered_tensors_take_the_blocked_path():
-    """bfloat16 (float32 statistics), mixed dtypes and non-contiguous views: fused=True steps
-    them exactly as fused=False does."""
+    """Statistics in another dtype than the kernel's, and non-contiguous views: fused=True
+    steps them exactly as fused=False does."""
     gen = torch.Generator().manual_seed(5)
     base = torch.randn(9, 12, generator=gen)
     cases = [
-        (torch.randn(6, 7, generator=gen).bfloat16(), torch.float32),
+        (torch.randn(6, 7, generator=gen).bfloat16(), torch.bfloat16),  # bf16 statistics
         (base.t(), torch.float32),  # a transposed view
         (torch.randn(5, 4, generator=gen, dtype=torch.float64), torch.float32),  # float32 stats
     ]
@@ -257,7 +277,7 @@ def test_tracer_refuses_what_it_cannot_express():
 def test_generated_source_comes_from_the_math_functions(monkeypatch):
     """The kernel's arithmetic is traced from _sm3_math: change precondition there and
     the generated C++ changes with it (no second copy to forget)."""
-    plain = _fused.source(torch.float32, 2, 0.0, 0.0, 1e-30)
+    plain = _fused.source(torch.float32, torch.float32, 2, 0.0, 0.0, 1e-30)
     monkeypatch.setattr(_fused, "precondition", lambda g, nu, eps: torch.div(g, torch.sqrt(nu)))
-    changed = _fused.source(torch.float32, 2, 0.0, 0.0, 1e-30)
+    changed = _fused.source(torch.float32, torch.float32, 2, 0.0, 0.0, 1e-30)
     assert plain != changed and "blendv" in plain and "blendv" not in changed

@@ -90,14 +90,15 @@ class SM3(FunctionalOptimizer):
         into NaN, and a NaN poisons the accumulators of its row and column
         (see README, "Guarantees").  ``sm3fn.apply_if_finite`` is the
         functional form.
-      fused: step each CPU float32/float64 parameter with one C++ sweep
+      fused: step each CPU parameter with one C++ sweep (float32/float64,
+        and bfloat16/float16 with the default float32 statistics)
         (generated from the same equations, built by torch.compile's compiler
         on the first step, about a second per configuration; cached on disk).
         ``None`` (default): wherever it can be built, else (one warning) the
         blocked path; ``False``: always the blocked path (no compiler needed);
-        ``True``: an error if it cannot be built.  Other parameters (bf16,
-        CUDA, non-contiguous, sparse gradients) take the blocked path either
-        way; DTensors run it on their local shards.  Same numbers to float rounding (README, "Speed and memory").
+        ``True``: an error if it cannot be built.  Other parameters (other
+        statistics dtypes, CUDA, non-contiguous, sparse gradients) take the
+        blocked path either way; DTensors run it on their local shards.  Same numbers to float rounding (README, "Speed and memory").
       compiled: run the dense step's blocks through ``torch.compile``
         instead (inductor; the first steps compile, seconds per
         configuration); excludes ``fused=True``.

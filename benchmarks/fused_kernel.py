@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from sm3fn._inplace import sm3_apply_
+from sm3fn._kernels.blocked import sm3_apply_
 from sm3fn._sm3_math import init_accumulators
 from sm3fn.benchmark import machine
 

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 
 from sm3fn import _checks
-from sm3fn._sparse import SparseSpec
+from sm3fn._kernels.sparse import SparseSpec
 from sm3fn.base import GradientTransformation, ScalarOrSchedule
 from sm3fn.transforms.combine import named_chain
 from sm3fn.transforms.momentum import ema

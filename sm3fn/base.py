@@ -23,7 +23,8 @@ from typing import Any, Callable, Mapping, NamedTuple, Optional, Protocol, Union
 import torch
 from tensordict import TensorDict, TensorDictBase
 
-from sm3fn import _sharded, _tree
+from sm3fn import _tree
+from sm3fn._kernels import sharded as _sharded
 
 __all__ = [
     "Tree",

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from sm3fn import _checks, _tree
-from sm3fn._inplace import check_kernel_choice, sm3_apply_
+from sm3fn._kernels.blocked import check_kernel_choice, sm3_apply_
 from sm3fn.base import OptState, ScalarOrSchedule, Tree
 from sm3fn.transforms.scaling import COUNT
 from sm3fn.transforms.sm3 import accumulators_by_param, check_grad

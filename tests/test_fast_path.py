@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import sm3fn
-from sm3fn._inplace import sm3_apply_
+from sm3fn._kernels.blocked import sm3_apply_
 
 SHAPES = {"scalar": (), "vector": (300,), "matrix": (70, 33), "conv": (5, 4, 3, 2), "row": (1, 40)}
 

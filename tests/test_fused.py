@@ -1,4 +1,4 @@
-"""The fused CPU kernel (sm3fn/_fused.py): one sweep per tensor, arithmetic traced from _sm3_math.
+"""The fused CPU kernel (sm3fn/_kernels/fused_cpu.py): one sweep per tensor, arithmetic traced from _sm3_math.
 
 Held to the float64 coordinate-loop reference (tests/reference.py), to the
 blocked path (accumulators bit for bit: nu has no square root in it), and to
@@ -17,8 +17,8 @@ import pytest
 import torch
 
 import sm3fn
-from sm3fn import _fused
-from sm3fn._inplace import sm3_apply_
+from sm3fn._kernels import fused_cpu as _fused
+from sm3fn._kernels.blocked import sm3_apply_
 from sm3fn._sm3_math import init_accumulators
 from sm3fn.optim import SM3
 from reference import ReferenceSM3, random_gradient

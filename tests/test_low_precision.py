@@ -162,7 +162,7 @@ def test_zero_gradient_is_a_zero_step_in_low_precision(dtype):
 
 @pytest.mark.parametrize("shape", [(4, 3), (7,)], ids=str)
 def test_fast_path_saturates_too(shape):
-    from sm3fn._inplace import sm3_apply_
+    from sm3fn._kernels.blocked import sm3_apply_
 
     gen = torch.Generator().manual_seed(5)
     p = torch.randn(shape, generator=gen)

@@ -52,7 +52,7 @@ def test_underflowing_beta_times_accumulator_takes_the_masked_path():
     accs = [torch.full((6, 1), tiny), torch.full((1, 5), tiny)]
     grads = torch.zeros(6, 5)
     grads[0, 0] = 1.5
-    from sm3fn._inplace import sm3_apply_
+    from sm3fn._kernels.blocked import sm3_apply_
 
     sm3_apply_([p], [grads], [accs], [None], lr=0.1, momentum=0.0, beta=2.0**-10, eps=0.0)
     assert torch.isfinite(p).all()

@@ -2,7 +2,7 @@
 
 It is :class:`FunctionalOptimizer` around :func:`sm3fn.sm3`: ``tx.init``
 makes the state, which is stored under torch-SM3's names, and the step runs
-the in-place fast path :func:`sm3fn._inplace.sm3_apply_` (the same equations
+the in-place fast path :func:`sm3fn._kernels.blocked.sm3_apply_` (the same equations
 as ``tx.update``, from :mod:`sm3fn._sm3_math`, without full-size temporaries).
 
 Per-parameter state, as in torch-SM3 (so its checkpoints load here):
@@ -15,7 +15,7 @@ Per-parameter state, as in torch-SM3 (so its checkpoints load here):
 
 A parameter whose first gradient is sparse (``nn.Embedding(sparse=True)``)
 keeps only ``accumulator_0``, shape ``(n_1, 1, ..., 1)``, and no momentum
-buffer (see :mod:`sm3fn._sparse`).
+buffer (see :mod:`sm3fn._kernels.sparse`).
 """
 
 from __future__ import annotations
@@ -26,8 +26,9 @@ from typing import Any, Callable, Mapping, Optional
 
 import torch
 
-from sm3fn import _checks, _sharded, _sparse
-from sm3fn._inplace import check_kernel_choice
+from sm3fn import _checks
+from sm3fn._kernels import sharded as _sharded, sparse as _sparse
+from sm3fn._kernels.blocked import check_kernel_choice
 from sm3fn.alias import sm3 as sm3_tx
 from sm3fn.optim.functional import PARAM, FunctionalOptimizer, Template, param_key
 from sm3fn.optim.functional import _describe as _describe_value

@@ -26,7 +26,7 @@ cannot drift apart, and it allocates nothing the size of a parameter:
   seconds once per configuration (dims, dtypes, momentum on/off, beta, eps).
 * ``fused`` (the default ``None``: wherever it applies) hands CPU tensors
   (float32/float64, and bfloat16/float16 with float32 statistics) to
-  :mod:`sm3fn._fused`, one C++ sweep per tensor whose arithmetic is traced
+  :mod:`sm3fn._kernels.fused_cpu`, one C++ sweep per tensor whose arithmetic is traced
   from the same ``_sm3_math`` functions; every other tensor takes the blocks
   above.
 """
@@ -38,7 +38,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from sm3fn import _fused
+from sm3fn._kernels import fused_cpu as _fused
 from sm3fn._sm3_math import ema, nu_positive, sm3_block
 
 #: elements per block (eager): a block's ~7 passes (min, addcmul, two maxima,
@@ -139,7 +139,7 @@ def sm3_apply_(
     or :data:`COMPILED_BLOCK_ELEMENTS` when compiled).  ``compiled=True``
     fuses each block's step with ``torch.compile`` (opt-in: the first call
     compiles, seconds per configuration).  ``fused=True`` sweeps each CPU
-    tensor the kernel of :mod:`sm3fn._fused` covers (float32/float64, and
+    tensor the kernel of :mod:`sm3fn._kernels.fused_cpu` covers (float32/float64, and
     bfloat16/float16 with float32 statistics) once with it (the
     first call per configuration builds it, about a second); ``None`` does
     so where the kernel can be built and falls back, with one warning, where

@@ -12,7 +12,7 @@ dimension, so:
   across the shard group makes it the global one.  It is stored replicated.
 
 Each rank runs the ordinary SM3 math (:func:`sm3fn._sm3_math.sm3_block`, or
-the in-place :func:`sm3fn._inplace.sm3_apply_`) on its local shards; the
+the in-place :func:`sm3fn._kernels.blocked.sm3_apply_`) on its local shards; the
 partial maxima of all parameters of a step are packed into one flat buffer
 per process group and dtype, so a step costs **one** ``all_reduce`` in all,
 carrying ``sum(n_i for i != s)`` numbers per sharded parameter of two or
@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from sm3fn import _tree
-from sm3fn._inplace import sm3_apply_
+from sm3fn._kernels.blocked import sm3_apply_
 from sm3fn._sm3_math import Scalar, accumulator_shapes, init_accumulators, sm3_block
 
 try:
@@ -236,7 +236,7 @@ def sm3_apply_any_(
     momentum_buffers: Sequence[Optional[torch.Tensor]],
     **options,
 ) -> None:
-    """:func:`sm3fn._inplace.sm3_apply_` (``options``: its keyword arguments) for plain tensors and DTensors.
+    """:func:`sm3fn._kernels.blocked.sm3_apply_` (``options``: its keyword arguments) for plain tensors and DTensors.
 
     DTensors are updated through their local shards; the accumulators of
     unsharded dims then hold local maxima and are all-reduced in one

@@ -1,6 +1,6 @@
 """The fused CPU kernel: one sweep over each parameter, generated from ``_sm3_math``.
 
-The blocked eager path (:mod:`sm3fn._inplace`) makes ~7 passes over every
+The blocked eager path (:mod:`sm3fn._kernels.blocked`) makes ~7 passes over every
 block, and ``torch.compile`` makes 3 (inductor cannot fuse the row maxima,
 the column maxima and the update of an SM3 step into one loop).  One sweep
 reads ``g`` and ``p`` once and writes ``p`` once; ``min``/``max`` of the

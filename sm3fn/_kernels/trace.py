@@ -1,0 +1,99 @@
+"""The backend-neutral half of the kernel generators: symbolic values that record torch calls.
+
+The generated kernels (:mod:`sm3fn._kernels.fused_cpu`'s C++,
+:mod:`sm3fn._kernels.triton_gpu`'s Triton) hold no hand-written copy of the
+SM3 equations.  They run the very functions of :mod:`sm3fn._sm3_math` on
+:class:`Sym` values, which answer torch's ``__torch_function__`` protocol:
+every torch call and Python operator those functions make is handed to the
+:class:`Trace` the value belongs to, and a backend's subclass of
+:class:`Trace` renders it as one line of its language (:meth:`Trace.call`).
+"""
+
+from __future__ import annotations
+
+
+class Sym:
+    """A symbolic value: the name of one variable of the generated code.
+
+    The ``_sm3_math`` functions run on it as on a tensor: every torch call and
+    operator they make is recorded, in order, as one line by the
+    :class:`Trace` it belongs to.  Only the calls a backend knows are
+    rendered; any other raises, so a change to the math that a generator
+    cannot express fails loudly rather than generating something else.
+    """
+
+    def __init__(self, trace: "Trace", name: str, dtype):
+        self.trace, self.name, self.dtype = trace, name, dtype
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if kwargs.pop("out", None) is not None:
+            raise NotImplementedError("the fused kernel traces the out-of-place math only")
+        trace = next(a.trace for a in flat(args, kwargs) if isinstance(a, Sym))
+        return trace.call(func, args, kwargs)
+
+    def __bool__(self):
+        # a Python branch on a traced value would bake one side into the kernel
+        raise NotImplementedError("the fused kernel cannot branch on a traced value")
+
+    # Python operators (``nu != 0``, ``lr * u``) record the same lines; set below the class
+    __hash__ = object.__hash__
+
+
+def _operator(func, reflected: bool):
+    def operator(self, other):
+        return self.trace.call(func, (other, self) if reflected else (self, other), {})
+    return operator
+
+
+def _install_operators() -> None:
+    import torch
+
+    for name, func in {"ne": torch.ne, "eq": torch.eq, "mul": torch.mul, "add": torch.add,
+                       "sub": torch.sub, "truediv": torch.div}.items():
+        setattr(Sym, f"__{name}__", _operator(func, reflected=False))
+        if name in ("mul", "add", "sub"):
+            setattr(Sym, f"__r{name}__", _operator(func, reflected=True))
+
+
+_install_operators()
+
+
+def flat(args, kwargs):
+    """The arguments of a call, one level of lists and tuples opened."""
+    for a in list(args) + list(kwargs.values()):
+        if isinstance(a, (list, tuple)):
+            yield from a
+        else:
+            yield a
+
+
+class Trace:
+    """Records the lines of one traced computation (SSA: one new variable per call).
+
+    A backend subclasses it with :meth:`value` (an operand as code),
+    :meth:`assign` (one line) and :meth:`call` (a torch call as an expression,
+    handed to :meth:`emit`).
+    """
+
+    def __init__(self, dtype):
+        self.dtype, self.lines, self.count = dtype, [], 0
+
+    def input(self, name: str) -> Sym:
+        return Sym(self, name, self.dtype)
+
+    def emit(self, expr: str) -> Sym:
+        name = f"t{self.count}"
+        self.count += 1
+        self.lines.append(self.assign(name, expr))
+        return Sym(self, name, self.dtype)
+
+    def assign(self, name: str, expr: str) -> str:
+        raise NotImplementedError
+
+    def value(self, x) -> str:
+        raise NotImplementedError
+
+    def call(self, func, args, kwargs) -> Sym:
+        raise NotImplementedError

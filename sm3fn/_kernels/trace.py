@@ -79,9 +79,15 @@ class Trace:
 
     def __init__(self, dtype):
         self.dtype, self.lines, self.count = dtype, [], 0
+        #: the comparisons made on run-time scalars while tracing (see :class:`Scalar`)
+        self.assumptions: list[tuple[str, str, float, bool]] = []
 
     def input(self, name: str) -> Sym:
         return Sym(self, name, self.dtype)
+
+    def scalar(self, name: str, value: float) -> "Scalar":
+        """A run-time hyperparameter named ``name`` in the generated code, traced with ``value``."""
+        return Scalar(self, name, self.dtype, value)
 
     def emit(self, expr: str) -> Sym:
         name = f"t{self.count}"
@@ -97,3 +103,43 @@ class Trace:
 
     def call(self, func, args, kwargs) -> Sym:
         raise NotImplementedError
+
+
+class Scalar(Sym):
+    """A run-time hyperparameter (``lr``, ``momentum``, ``beta``, ``eps``): a kernel argument.
+
+    Arithmetic on it is traced as on any :class:`Sym` (``1 - beta`` becomes a
+    line), so its value is not baked into the kernel.  A Python comparison
+    (``if beta == 0`` in ``second_moment``) must be answered while tracing:
+    it is answered from ``value`` (the value traced with) and recorded in
+    ``trace.assumptions``, and a generated kernel is reused only for values
+    that answer every recorded comparison the same way (:func:`assumptions_hold`).
+    """
+
+    def __init__(self, trace: "Trace", name: str, dtype, value: float):
+        super().__init__(trace, name, dtype)
+        self.value = float(value)
+
+    def _compare(op: str):
+        def compare(self, other):
+            if isinstance(other, Sym) or isinstance(other, bool) or not isinstance(other, (int, float)):
+                raise NotImplementedError(f"the fused kernel cannot compare {self.name} with {other!r}")
+            result = _COMPARISONS[op](self.value, float(other))
+            self.trace.assumptions.append((self.name, op, float(other), result))
+            return result
+        return compare
+
+    __eq__, __ne__ = _compare("=="), _compare("!=")
+    __lt__, __le__, __gt__, __ge__ = _compare("<"), _compare("<="), _compare(">"), _compare(">=")
+    __hash__ = object.__hash__
+    del _compare
+
+
+_COMPARISONS = {"==": float.__eq__, "!=": float.__ne__, "<": float.__lt__, "<=": float.__le__,
+                ">": float.__gt__, ">=": float.__ge__}
+
+
+def assumptions_hold(assumptions, values: dict) -> bool:
+    """Whether ``values`` (name -> number) answer every recorded comparison as the trace did."""
+    return all(_COMPARISONS[op](float(values[name]), other) == result
+               for name, op, other, result in assumptions)

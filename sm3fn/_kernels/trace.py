@@ -22,6 +22,9 @@ class Sym:
     cannot express fails loudly rather than generating something else.
     """
 
+    #: whether the value is a hyperparameter or made of hyperparameters only (see :class:`Scalar`)
+    host = False
+
     def __init__(self, trace: "Trace", name: str, dtype):
         self.trace, self.name, self.dtype = trace, name, dtype
 
@@ -115,6 +118,8 @@ class Scalar(Sym):
     ``trace.assumptions``, and a generated kernel is reused only for values
     that answer every recorded comparison the same way (:func:`assumptions_hold`).
     """
+
+    host = True
 
     def __init__(self, trace: "Trace", name: str, dtype, value: float):
         super().__init__(trace, name, dtype)

@@ -71,7 +71,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from sm3fn._kernels.trace import Sym, Trace, assumptions_hold
+from sm3fn._kernels.trace import Sym, Trace, assumptions_hold, flat
 from sm3fn._sm3_math import cover_minimum, ema, precondition, saturate, second_moment
 
 #: statistics (accumulator and momentum) dtypes, as Triton names them
@@ -103,6 +103,16 @@ class _Trace(Trace):
     def __init__(self, dtype: torch.dtype):
         super().__init__(dtype)
         self.tl_dtype = STATISTICS[dtype]
+        self.host = False  # whether the call being rendered has only hyperparameters as operands
+
+    def call(self, func, args, kwargs) -> Sym:
+        # Arithmetic on hyperparameters alone (``1 - beta``) is done in float64, as Python does
+        # it on the host before ATen casts the result to the tensor's dtype; a hyperparameter
+        # meeting a tensor is cast to the statistics dtype there, as ATen casts a Python scalar.
+        self.host = all(getattr(a, "host", False) for a in flat(args, kwargs) if isinstance(a, Sym))
+        result = self.render(func, args, kwargs)
+        result.host = self.host
+        return result
 
     def assign(self, name: str, expr: str) -> str:
         return f"{name} = {expr}"
@@ -110,13 +120,14 @@ class _Trace(Trace):
     def value(self, x) -> str:
         """Triton for an operand: a symbol's name, or a Python number as a constant of the dtype."""
         if isinstance(x, Sym):
-            return x.name
+            return f"{x.name}.to({self.tl_dtype})" if getattr(x, "host", False) and not self.host else x.name
         if isinstance(x, bool) or not isinstance(x, (int, float)):
             raise NotImplementedError(f"the Triton kernel cannot trace the operand {x!r}")
         # repr round-trips the double; tl.full makes it in the dtype (rounding once, as ATen's cast)
-        return f"tl.full([], {float(x)!r}, {self.tl_dtype})"
+        return f"tl.full([], {float(x)!r}, {'tl.float64' if self.host else self.tl_dtype})"
 
-    def call(self, func, args, kwargs) -> Sym:
+    def render(self, func, args, kwargs) -> Sym:
+        """One torch call as Triton (see :meth:`call`)."""
         v = self.value
         if func in (torch.minimum, torch.Tensor.minimum, torch.maximum, torch.Tensor.maximum) and not kwargs:
             name = "minimum" if func in (torch.minimum, torch.Tensor.minimum) else "maximum"
@@ -188,7 +199,7 @@ def _body(dtype: torch.dtype, k: int, with_momentum: bool, values: dict) -> tupl
         u = ema(t.input("m_"), u, hyper["momentum"])
         out.append(f"m_o = {u.name}")
     # p.add_(u, alpha=-lr), as ATen computes it: one fused multiply-add
-    out.append(f"p_o = tl.fma({u.name}, -lr, {p.name})")
+    out.append(f"p_o = tl.fma({u.name}, -lr.to({t.tl_dtype}), {p.name})")
     if k <= 1:  # the accumulator is nu itself, saturated (cover_maxima of a 1-d nu is nu)
         out.append(f"acc_o = {saturate(nu).name}")
     return "\n".join(t.lines + out), t.assumptions
@@ -196,9 +207,25 @@ def _body(dtype: torch.dtype, k: int, with_momentum: bool, values: dict) -> tupl
 
 # --------------------------------------------------------------------------- Triton
 
+# Only builtins of triton.language and jit functions of this module: triton's own jit
+# functions (tl.zeros, tl.max) were jitted or interpreted when triton was imported, which
+# (through tensordict) precedes any test's TRITON_INTERPRET=1.
 _HEADER = """\
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def _max(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _bfloat16_bits(x):
+    # float32 -> bfloat16, rounding to nearest even as torch does (the interpreter's cast truncates)
+    bits = x.to(tl.uint32, bitcast=True)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    return tl.where(x != x, 0x7FC0, rounded).to(tl.uint16)
 
 
 @triton.jit
@@ -223,7 +250,7 @@ def sweep(table, blocks, hyper, work, BLOCK: tl.constexpr):
     a0_ = tl.load(a_ptr + offs, mask=mask, other=0.0)
     {load_m}
 {body}
-    tl.store(p_ptr + offs, p_o.to({ptype}), mask=mask)
+    {store_p}
     {store_m}
     tl.store(a_ptr + offs, acc_o, mask=mask)
 """
@@ -248,7 +275,7 @@ def sweep(table, blocks, hyper, work, BLOCK_R: tl.constexpr, BLOCK_C: tl.constex
     rmask = r < rows
 {indices}
 {lead_loads}
-    row_key = tl.zeros([BLOCK_R], {ktype})
+    row_key = tl.full([BLOCK_R], 0, {ktype})
     for c0 in range(0, cols, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         cmask = c < cols
@@ -259,13 +286,13 @@ def sweep(table, blocks, hyper, work, BLOCK_R: tl.constexpr, BLOCK_C: tl.constex
         a{last}_ = tl.load(acc{last} + c, mask=cmask, other=0.0)[None, :]
         {load_m}
 {body}
-        tl.store(p_ptr + offs, p_o.to({ptype}), mask=mask)
+        {store_p}
         {store_m}
         # nu >= 0: its bits order as its values do; every NaN becomes the largest key
         key = tl.where(nu_o != nu_o, {nan_key}, nu_o.to({ktype}, bitcast=True))
         key = tl.where(mask, key, 0)
-        row_key = tl.maximum(row_key, tl.max(key, axis=1))
-        tl.atomic_max(w_ptr + {last_offset} + c, tl.max(key, axis=0), mask=cmask, sem="relaxed")
+        row_key = tl.maximum(row_key, tl.reduce(key, 1, _max))
+        tl.atomic_max(w_ptr + {last_offset} + c, tl.reduce(key, 0, _max), mask=cmask, sem="relaxed")
 {lead_stores}
 """
 
@@ -274,9 +301,9 @@ def _indent(text: str, spaces: int) -> str:
     return "\n".join(" " * spaces + line for line in text.splitlines())
 
 
-def _hyper_loads(stype: str) -> str:
-    return _indent("\n".join(f"{name} = tl.load(hyper + {i}).to({stype})"
-                             for i, name in enumerate(HYPERPARAMETERS)), 4)
+def _hyper_loads() -> str:
+    # float64, as Python numbers are; the traced lines cast them where they meet a tensor
+    return _indent("\n".join(f"{name} = tl.load(hyper + {i})" for i, name in enumerate(HYPERPARAMETERS)), 4)
 
 
 def source(param_dtype: torch.dtype, dtype: torch.dtype, k: int, with_momentum: bool,
@@ -289,9 +316,13 @@ def source(param_dtype: torch.dtype, dtype: torch.dtype, k: int, with_momentum: 
     """
     body, assumptions = _body(dtype, k, with_momentum, values)
     ptype, stype = PARAMS[param_dtype], STATISTICS[dtype]
+    if param_dtype == torch.bfloat16:
+        store_p = "tl.store(p_ptr.to(tl.pointer_type(tl.uint16)) + offs, _bfloat16_bits(p_o), mask=mask)"
+    else:
+        store_p = f"tl.store(p_ptr + offs, p_o.to({ptype}), mask=mask)"
     if k <= 1:
         text = _SWEEP_FLAT.format(
-            ptype=ptype, stype=stype, hyper=_hyper_loads(stype), body=_indent(body, 4),
+            store_p=store_p, ptype=ptype, stype=stype, hyper=_hyper_loads(), body=_indent(body, 4),
             load_m="m_ = tl.load(m_ptr + offs, mask=mask, other=0.0)" if with_momentum else "",
             store_m="tl.store(m_ptr + offs, m_o, mask=mask)" if with_momentum else "",
         )
@@ -307,12 +338,12 @@ def source(param_dtype: torch.dtype, dtype: torch.dtype, k: int, with_momentum: 
             indices.append(f"rest = rest // n{d}")
     offsets = ["0"] + [" + ".join(f"n{e}" for e in range(d)) for d in range(1, k)]
     text = _SWEEP_ROWS.format(
-        width=4 + 2 * k, ptype=ptype, stype=stype, ktype=ktype, nan_key=nan_key, last=last,
+        store_p=store_p, width=4 + 2 * k, ptype=ptype, stype=stype, ktype=ktype, nan_key=nan_key, last=last,
         acc_ptrs=_indent("\n".join(f"acc{i} = tl.load(entry + {4 + i}).to(tl.pointer_type({stype}))"
                                    for i in range(k)), 4),
         shape=_indent("\n".join(f"n{i} = tl.load(entry + {4 + k + i})" for i in range(k)), 4),
         rows=" * ".join(f"n{d}" for d in lead),
-        hyper=_hyper_loads(stype),
+        hyper=_hyper_loads(),
         indices=_indent("\n".join(indices), 4),
         lead_loads=_indent("\n".join(f"a{d}_ = tl.load(acc{d} + i{d}, mask=rmask, other=0.0)[:, None]"
                                      for d in lead), 4),
@@ -343,7 +374,10 @@ def available() -> bool:
     """Whether triton can be imported (asked once, without importing it)."""
     global _importable
     if _importable is None:
-        _importable = importlib.util.find_spec("triton") is not None
+        try:
+            _importable = importlib.util.find_spec("triton") is not None
+        except (ImportError, ValueError):  # blocked (sys.modules["triton"] = None) or half-installed
+            _importable = False
     return _importable
 
 

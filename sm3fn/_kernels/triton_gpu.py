@@ -209,7 +209,9 @@ def _body(dtype: torch.dtype, k: int, with_momentum: bool, values: dict) -> tupl
 
 # Only builtins of triton.language and jit functions of this module: triton's own jit
 # functions (tl.zeros, tl.max) were jitted or interpreted when triton was imported, which
-# (through tensordict) precedes any test's TRITON_INTERPRET=1.
+# (through tensordict) precedes any test's TRITON_INTERPRET=1.  The maxima reduce with
+# {max_combine}: triton's own combine function where it has one (the interpreter then reduces
+# with numpy; with any other function it makes a Python call per element), else _max.
 _HEADER = """\
 import triton
 import triton.language as tl
@@ -230,6 +232,13 @@ def _bfloat16_bits(x):
 
 @triton.jit
 """
+
+
+def _max_combine() -> str:
+    import triton.language as tl
+
+    return "tl.standard._elementwise_max" if hasattr(getattr(tl, "standard", None), "_elementwise_max") else "_max"
+
 
 # table: one row of int64 per tensor [g, p, m, a0, numel]; blocks: [tensor, first element]
 _SWEEP_FLAT = """\
@@ -291,8 +300,8 @@ def sweep(table, blocks, hyper, work, BLOCK_R: tl.constexpr, BLOCK_C: tl.constex
         # nu >= 0: its bits order as its values do; every NaN becomes the largest key
         key = tl.where(nu_o != nu_o, {nan_key}, nu_o.to({ktype}, bitcast=True))
         key = tl.where(mask, key, 0)
-        row_key = tl.maximum(row_key, tl.reduce(key, 1, _max))
-        tl.atomic_max(w_ptr + {last_offset} + c, tl.reduce(key, 0, _max), mask=cmask, sem="relaxed")
+        row_key = tl.maximum(row_key, tl.reduce(key, 1, {max_combine}))
+        tl.atomic_max(w_ptr + {last_offset} + c, tl.reduce(key, 0, {max_combine}), mask=cmask, sem="relaxed")
 {lead_stores}
 """
 
@@ -338,7 +347,8 @@ def source(param_dtype: torch.dtype, dtype: torch.dtype, k: int, with_momentum: 
             indices.append(f"rest = rest // n{d}")
     offsets = ["0"] + [" + ".join(f"n{e}" for e in range(d)) for d in range(1, k)]
     text = _SWEEP_ROWS.format(
-        store_p=store_p, width=4 + 2 * k, ptype=ptype, stype=stype, ktype=ktype, nan_key=nan_key, last=last,
+        max_combine=_max_combine(), store_p=store_p, width=4 + 2 * k, ptype=ptype, stype=stype,
+        ktype=ktype, nan_key=nan_key, last=last,
         acc_ptrs=_indent("\n".join(f"acc{i} = tl.load(entry + {4 + i}).to(tl.pointer_type({stype}))"
                                    for i in range(k)), 4),
         shape=_indent("\n".join(f"n{i} = tl.load(entry + {4 + k + i})" for i in range(k)), 4),

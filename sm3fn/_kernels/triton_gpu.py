@@ -90,6 +90,9 @@ FLAT_BLOCK = 1024
 ROWS_BLOCK = (16, 256)
 #: warps per program (ignored by the interpreter)
 NUM_WARPS = 8
+#: no multiply-add contraction beyond the traced ``fma``s: the numbers are those the
+#: interpreter (and the CPU kernel) give, whatever the compiler's default
+_LAUNCH = dict(enable_fp_fusion=False)
 
 _Number = Union[float, torch.Tensor]
 
@@ -144,9 +147,12 @@ class _Trace(Trace):
             if not isinstance(alpha, Sym) and alpha == 1:
                 return self.emit(f"{v(args[0])} + {v(args[1])}")
             return self.emit(f"{v(args[0])} + {v(alpha)} * {v(args[1])}")
+        if func is torch.div and not kwargs and self.dtype == torch.float32 and not self.host:
+            # float32 "/" is an approximation on a GPU (div.full); div_rn is IEEE's, as ATen's
+            return self.emit(f"tl.div_rn({v(args[0])}, {v(args[1])})")
         binary = {torch.sub: "-", torch.mul: "*", torch.div: "/", torch.ne: "!=", torch.eq: "=="}
         if func in binary and not kwargs:
-            # "/" is IEEE division in Triton (div.rn); != is unordered (NaN != 0), as in torch
+            # != is unordered (NaN != 0 is true), as in torch
             return self.emit(f"({v(args[0])} {binary[func]} {v(args[1])})")
         if func is torch.where and not kwargs:
             mask, a, b = args
@@ -572,9 +578,9 @@ def sweep_many_(
         table, blocks, n_blocks = _tables_for(tensors, k >= 2, [offsets.get(j, 0) for j in members], device)
         if k >= 2:
             fn[(n_blocks,)](table, blocks, hypers[device], work[(device, stats)],
-                            BLOCK_R=ROWS_BLOCK[0], BLOCK_C=ROWS_BLOCK[1], num_warps=NUM_WARPS)
+                            BLOCK_R=ROWS_BLOCK[0], BLOCK_C=ROWS_BLOCK[1], num_warps=NUM_WARPS, **_LAUNCH)
         else:  # the workspace is not used; any integer tensor keeps the signature
-            fn[(n_blocks,)](table, blocks, hypers[device], table, BLOCK=FLAT_BLOCK, num_warps=4)
+            fn[(n_blocks,)](table, blocks, hypers[device], table, BLOCK=FLAT_BLOCK, num_warps=4, **_LAUNCH)
     # the new accumulators: every old value has been read by now
     for (device, stats), keys in work.items():
         new = saturate(keys.view(stats), inplace=True)

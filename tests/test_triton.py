@@ -13,6 +13,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -20,8 +22,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 pytest.importorskip("triton", reason="the Triton backend's tests need triton (pip install triton)")
 
+import sm3fn  # noqa: E402
 from sm3fn._kernels import fused_cpu, triton_gpu  # noqa: E402
-from sm3fn._kernels.blocked import sm3_apply_  # noqa: E402
+from sm3fn.optim import SM3  # noqa: E402
+from sm3fn._kernels.dispatch import sm3_step_  # noqa: E402
 from sm3fn._sm3_math import init_accumulators  # noqa: E402
 from reference import ReferenceSM3, random_gradient  # noqa: E402
 
@@ -108,7 +112,7 @@ def test_many_tensors_in_one_call_match_the_cpu_kernel_bit_for_bit(dtype, moment
             if g.dim() >= 2 and g.numel():
                 g[0] = 0  # a row with no gradient
         triton_gpu.sweep_many_(params, grads, accs, moms, lr=0.05, momentum=momentum, beta=beta, eps=1e-30)
-        sm3_apply_(*cpu[:1], grads, *cpu[1:], lr=0.05, momentum=momentum, beta=beta, eps=1e-30, fused=True)
+        sm3_step_(*cpu[:1], grads, *cpu[1:], lr=0.05, momentum=momentum, beta=beta, eps=1e-30, fused=True)
     for p, q in zip(params, cpu[0]):
         assert torch.equal(p, q)
     for aa, bb in zip(accs, cpu[1]):
@@ -125,7 +129,7 @@ def test_default_block_sizes(monkeypatch):
     cpu = _clone(params, accs, moms)
     grads = [torch.randn(p.shape) for p in params]
     triton_gpu.sweep_many_(params, grads, accs, moms, lr=0.1, momentum=0.9, beta=0.0, eps=1e-30)
-    sm3_apply_(*cpu[:1], grads, *cpu[1:], lr=0.1, momentum=0.9, beta=0.0, eps=1e-30, fused=True)
+    sm3_step_(*cpu[:1], grads, *cpu[1:], lr=0.1, momentum=0.9, beta=0.0, eps=1e-30, fused=True)
     assert all(torch.equal(p, q) for p, q in zip(params, cpu[0]))
     assert all(torch.equal(a, b) for aa, bb in zip(accs, cpu[1]) for a, b in zip(aa, bb))
 
@@ -143,7 +147,7 @@ def test_nonfinite_gradients_spread_as_on_the_cpu(shape):
     flat[-1] = 3e20  # (3e20)**2 overflows float32; it shares no index with the NaN
     q, b = p.clone(), [a.clone() for a in accs]
     triton_gpu.sweep_(p, g, accs, None, lr=0.1, **HYPER)
-    sm3_apply_([q], [g], [b], [None], lr=0.1, fused=True, **HYPER)
+    sm3_step_([q], [g], [b], [None], lr=0.1, fused=True, **HYPER)
     torch.testing.assert_close(p, q, rtol=0, atol=0, equal_nan=True)
     for a, want in zip(accs, b):
         torch.testing.assert_close(a, want, rtol=0, atol=0, equal_nan=True)
@@ -312,12 +316,12 @@ def test_source_is_traced_from_the_math(monkeypatch):
     neither holds a copy of the equations."""
     values = dict(lr=0.1, momentum=0.0, beta=0.0, eps=1e-30)
     body_before, _ = triton_gpu._body(torch.float32, 2, False, values)
-    cpu_before = fused_cpu.source(torch.float32, torch.float32, 2, 0.0, 0.0, 1e-30)
+    cpu_before = fused_cpu.source(torch.float32, torch.float32, 2, False, True)
     changed = lambda g, nu, eps: torch.div(g, torch.sqrt(nu))  # noqa: E731
     for module in (triton_gpu, fused_cpu):
         monkeypatch.setattr(module, "precondition", changed)
     body_after, _ = triton_gpu._body(torch.float32, 2, False, values)
-    cpu_after = fused_cpu.source(torch.float32, torch.float32, 2, 0.0, 0.0, 1e-30)
+    cpu_after = fused_cpu.source(torch.float32, torch.float32, 2, False, True)
     assert "tl.where" in body_before and "eps" in body_before
     assert "tl.where" not in body_after and "eps" not in body_after  # the masks and eps are gone
     assert "blendv" in cpu_before and "blendv" not in cpu_after
@@ -367,3 +371,95 @@ def test_gpu_benchmark_runs_dry_and_refuses_without_cuda():
     if not torch.cuda.is_available():
         real = subprocess.run([sys.executable, script], capture_output=True, text=True, env=env, timeout=600)
         assert real.returncode != 0 and "needs a CUDA GPU" in real.stderr
+
+
+@pytest.fixture
+def gpu_route(monkeypatch):
+    """The dispatcher's route for CUDA tensors, taken by CPU tensors: the fused CPU kernel
+    declines them, so they reach the Triton kernel (interpreted) as CUDA tensors would."""
+    monkeypatch.setattr(fused_cpu, "supported", lambda *args: False)
+    monkeypatch.setattr(triton_gpu, "unavailable", None)
+    return _Launches(monkeypatch)
+
+
+def _model_params(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(9, 20), (20,), (), (3, 4, 5), (7,)]
+    return [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_optimizer_steps_through_the_triton_kernel(gpu_route, momentum):
+    """sm3fn.optim.SM3 (fused=None) sends the tensors the GPU kernel covers to it, in one launch
+    per configuration, and lands where the blocked path (fused=False) does: accumulators bit for
+    bit (nu has no square root in it), the rest to a few ulps (ATen's float32 sqrt is an ulp off
+    IEEE's now and then, as test_fused.py notes)."""
+    ours, blocked = _model_params(), _model_params()
+    opt = SM3(ours, lr=0.1, momentum=momentum)
+    ref = SM3(blocked, lr=0.1, momentum=momentum, fused=False)
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        for p, q in zip(ours, blocked):
+            p.grad = torch.randn(p.shape, generator=gen)
+            q.grad = p.grad.clone()
+        opt.step()
+        ref.step()
+    assert len(gpu_route.grids) == 3 * 3  # 0-d/1-d, 2-d, 3-d, per step
+    for p, q in zip(ours, blocked):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
+    ulps = 4 * torch.finfo(torch.float32).eps
+    for p, q in zip(ours, blocked):
+        assert sorted(opt.state[p]) == sorted(ref.state[q])
+        for key, want in ref.state[q].items():
+            exact = key.startswith("accumulator") or key == "step"
+            torch.testing.assert_close(opt.state[p][key], want, rtol=0, atol=0 if exact else ulps)
+
+
+def test_pure_update_steps_through_the_triton_kernel(gpu_route, monkeypatch):
+    """The pure tx.update of sm3fn.sm3 and of scale_by_sm3 take the out-of-place kernel (no input
+    written) and agree with the reference math (the route with the Triton kernel declining)."""
+    params = {f"p{i}": p.detach() for i, p in enumerate(_model_params())}
+    grads = {k: torch.randn(v.shape) for k, v in params.items()}
+    before = {k: v.clone() for k, v in params.items()}
+
+    def two_steps(tx):
+        state = tx.init(params)
+        for _ in range(2):
+            updates, state = tx.update(grads, state, params)
+        return updates
+
+    for tx in (sm3fn.sm3(0.1, momentum=0.9), sm3fn.scale_by_sm3()):
+        gpu_route.grids.clear()
+        ours = two_steps(tx)
+        assert len(gpu_route.grids) == 2 * 3  # 0-d/1-d, 2-d, 3-d, per step
+        with monkeypatch.context() as m:
+            m.setattr(triton_gpu, "supported", lambda *args: False)
+            want = two_steps(tx)
+        assert len(gpu_route.grids) == 2 * 3
+        assert all(torch.equal(params[k], before[k]) for k in params)
+        for k in params:
+            torch.testing.assert_close(ours[k], want[k], rtol=1e-6, atol=1e-7)
+
+
+def test_a_failed_build_falls_back_or_raises(gpu_route, monkeypatch):
+    """fused=None: a kernel that cannot be built warns once and the blocked path steps; fused=True:
+    the error, with nothing written."""
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler here")
+    monkeypatch.setattr(triton_gpu, "kernel", broken)
+    ps = _model_params()
+    for p in ps:
+        p.grad = torch.randn(p.shape)
+    before = [p.detach().clone() for p in ps]
+    strict = SM3(ps, lr=0.1, fused=True)
+    with pytest.raises(triton_gpu.BuildError, match="no compiler here"):
+        strict.step()
+    assert all(torch.equal(p, b) for p, b in zip(ps, before))
+    assert all(torch.equal(a, torch.zeros_like(a)) for p in ps for k, a in strict.state[p].items()
+               if k.startswith("accumulator")) or not strict.state
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        SM3(ps, lr=0.1).step()
+        SM3(ps, lr=0.1).step()
+    assert sum("blocked path" in str(w.message) for w in caught) == 1
+    assert not all(torch.equal(p, b) for p, b in zip(ps, before))

@@ -66,6 +66,7 @@ import importlib.util
 import os
 import tempfile
 import threading
+import warnings
 from collections import OrderedDict
 from typing import Optional, Sequence, Union
 
@@ -433,6 +434,36 @@ def kernel(param_dtype: torch.dtype, dtype: torch.dtype, k: int, with_momentum: 
         return module.sweep
 
 
+class BuildError(RuntimeError):
+    """A kernel could not be generated or compiled (no triton, an unsupported GPU...)."""
+
+
+#: why the kernel cannot be built here (set by :func:`give_up`), or None
+unavailable: Optional[str] = None
+
+
+def give_up(error: BuildError) -> None:
+    """Stops ``fused=None`` from trying again, with one warning."""
+    global unavailable
+    if unavailable is None:
+        unavailable = str(error)
+        warnings.warn(f"{error}; SM3 steps on GPUs take the blocked path", RuntimeWarning, stacklevel=4)
+
+
+def _built(param_dtype, stats, k, with_m, values, grid, args, options):
+    """:func:`kernel`, compiled now for these arguments (on a GPU: ``warmup`` compiles
+    without running), so that a failure raises a :class:`BuildError` before anything is written."""
+    try:
+        fn = kernel(param_dtype, stats, k, with_m, values)
+        if not interpreting():
+            fn.warmup(*args, grid=grid, **options)
+        return fn
+    except Exception as e:
+        raise BuildError(
+            f"the Triton SM3 kernel could not be built ({type(e).__name__}: {e}); pass fused=False "
+            "for the blocked path") from e
+
+
 # --------------------------------------------------------------------------- host side
 
 
@@ -447,9 +478,13 @@ def _plain(t: torch.Tensor) -> bool:
     return is_fake(t)
 
 
-def supported(p: torch.Tensor, g: torch.Tensor, accs: Sequence[torch.Tensor],
+def supported(p: Optional[torch.Tensor], g: torch.Tensor, accs: Sequence[torch.Tensor],
               m: Optional[torch.Tensor]) -> bool:
-    """Whether the Triton kernel can step this parameter, from metadata only (see the module docstring)."""
+    """Whether the Triton kernel can step this parameter, from metadata only (see the module docstring).
+
+    ``p`` may be None (out of place: the gradient stands for it).
+    """
+    p = g if p is None else p
     if not available() or p.dtype not in PARAMS or g.dtype != p.dtype:
         return False
     stats = accs[0].dtype
@@ -570,17 +605,23 @@ def sweep_many_(
                 work_sizes[(device, stats)] = offsets[j] + sum(grads[j].shape)
     work = {key: torch.zeros(n, dtype=_KEYS[key[1]][1], device=key[0]) for key, n in work_sizes.items()}
     hypers = {}
+    launches = []
     for (device, k, param_dtype, stats, with_m), members in groups.items():
         if device not in hypers:
             hypers[device] = _hyper(lr, momentum, beta, eps, device)
-        fn = kernel(param_dtype, stats, k, with_m, values)
         tensors = [(params[j], grads[j], accumulators[j], momentum_buffers[j]) for j in members]
         table, blocks, n_blocks = _tables_for(tensors, k >= 2, [offsets.get(j, 0) for j in members], device)
         if k >= 2:
-            fn[(n_blocks,)](table, blocks, hypers[device], work[(device, stats)],
-                            BLOCK_R=ROWS_BLOCK[0], BLOCK_C=ROWS_BLOCK[1], num_warps=NUM_WARPS, **_LAUNCH)
+            args = (table, blocks, hypers[device], work[(device, stats)])
+            options = dict(BLOCK_R=ROWS_BLOCK[0], BLOCK_C=ROWS_BLOCK[1], num_warps=NUM_WARPS, **_LAUNCH)
         else:  # the workspace is not used; any integer tensor keeps the signature
-            fn[(n_blocks,)](table, blocks, hypers[device], table, BLOCK=FLAT_BLOCK, num_warps=4, **_LAUNCH)
+            args = (table, blocks, hypers[device], table)
+            options = dict(BLOCK=FLAT_BLOCK, num_warps=4, **_LAUNCH)
+        launches.append((_built(param_dtype, stats, k, with_m, values, (n_blocks,), args, options),
+                         (n_blocks,), args, options))
+    # every kernel is built (compiled, on a GPU) before any tensor is written
+    for fn, grid, args, options in launches:
+        fn[grid](*args, **options)
     # the new accumulators: every old value has been read by now
     for (device, stats), keys in work.items():
         new = saturate(keys.view(stats), inplace=True)

@@ -28,6 +28,7 @@ from sm3fn.optim import SM3  # noqa: E402
 from sm3fn._kernels.dispatch import sm3_step_  # noqa: E402
 from sm3fn._sm3_math import init_accumulators  # noqa: E402
 from reference import ReferenceSM3, random_gradient  # noqa: E402
+from test_fused import _exact, _state  # noqa: E402  (the same inputs as the CPU kernel's tests)
 
 SHAPES = [(), (1,), (7,), (40,), (3, 37), (17, 16), (1, 5), (5, 1), (2, 3, 19), (2, 1, 3, 5)]
 
@@ -39,17 +40,6 @@ def interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setattr(triton_gpu, "ROWS_BLOCK", (4, 8))
     monkeypatch.setattr(triton_gpu, "FLAT_BLOCK", 16)
-
-
-def _state(p, momentum):
-    stats = p.dtype if p.dtype in (torch.float32, torch.float64) else torch.float32
-    return list(init_accumulators(p, stats)), (torch.zeros_like(p, dtype=stats) if momentum else None)
-
-
-def _exact(x: np.ndarray, dtype: torch.dtype) -> np.ndarray:
-    """``x`` clipped into ``dtype``'s finite range and rounded to it: what the kernel is given."""
-    high = torch.finfo(dtype).max / 4
-    return torch.tensor(np.clip(x, -high, high)).to(dtype).double().numpy()
 
 
 HYPER = dict(momentum=0.0, beta=0.0, eps=1e-30)

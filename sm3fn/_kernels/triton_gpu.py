@@ -37,8 +37,8 @@ by a table of pointers: however many there are, they are one launch.
 Tensors of ``k >= 2`` dims of one configuration are one launch too: each is
 seen as ``rows x cols`` (``cols`` its last dim), and a program steps a block
 of rows, walking the columns in chunks.  It reads ``g`` and ``p`` (and ``m``)
-once and writes ``p`` (and ``m``) once.  A row's ``min`` of the leading
-accumulators is loaded once per row; the row maxima of ``nu`` stay in
+once and writes ``p`` (and ``m``) once.  A row's entries of the leading
+accumulators are loaded once per row; the row maxima of ``nu`` stay in
 registers; the column maxima, and the row maxima of the leading dims, go by
 atomic max into a workspace of ``sum(shape)`` numbers per tensor (SM3's own
 state size, never a parameter-sized one).  The atomics work on an integer
@@ -46,9 +46,10 @@ view of ``nu`` (``nu >= 0``, where integer and float order agree) with every
 NaN mapped to the largest integer, so a NaN wins every maximum as on the
 CPU (float atomic max on a GPU drops NaN).  After the sweeps the workspace
 becomes the new accumulators through ``_sm3_math.saturate`` (an overflowing
-square saturates at the dtype's largest finite value) in two launches for
-the whole step.  Every old accumulator value a program reads is read before
-any is replaced.
+square saturates at the dtype's largest finite value) in two launches per
+statistics dtype for the whole step, after every sweep has read the old
+values.  Every kernel is built (compiled, on a GPU) before any tensor is
+written: a failure raises :class:`BuildError` with everything as it was.
 
 No host synchronisation: no ``.item()``, no branch on data; tables of
 pointers are cached per set of tensors (a new set costs one pinned,

@@ -66,7 +66,10 @@ def sm3_update_(
       params: dict or TensorDict of parameters, updated in place.
       grads: the same keys (``None`` for frozen ones); only read.
       state: the state TensorDict of ``sm3fn.sm3(...)``, updated in place.
-      learning_rate, momentum, beta, eps: as in :func:`sm3fn.sm3`.
+      learning_rate: as in :func:`sm3fn.sm3`.
+      momentum: as in :func:`sm3fn.sm3`.
+      beta: as in :func:`sm3fn.sm3`.
+      eps: as in :func:`sm3fn.sm3`.
       fused: one C++ sweep per CPU tensor it covers (``None``, the
         default: where it can be built; see :class:`sm3fn.optim.SM3`).
       compiled: fuse each block with ``torch.compile`` instead (the first

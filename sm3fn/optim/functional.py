@@ -43,6 +43,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Union
 
 import torch
 from tensordict import TensorDictBase
+from torch.optim.optimizer import ParamsT
 
 from sm3fn.base import GradientTransformation, apply_updates
 
@@ -119,7 +120,7 @@ class FunctionalOptimizer(torch.optim.Optimizer):
     between 0 and > 0 mid-run; :class:`sm3fn.optim.SM3` allows it).
     """
 
-    def __init__(self, params, tx: TransformOrFactory, **defaults: Any):
+    def __init__(self, params: ParamsT, tx: TransformOrFactory, **defaults: Any):
         if not isinstance(tx, GradientTransformation):
             if not callable(tx):
                 raise TypeError(

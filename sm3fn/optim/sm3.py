@@ -25,6 +25,7 @@ import numbers
 from typing import Any, Callable, Mapping, Optional
 
 import torch
+from torch.optim.optimizer import ParamsT
 
 from sm3fn import _checks
 from sm3fn._kernels import sharded as _sharded, sparse as _sparse
@@ -82,8 +83,9 @@ class SM3(FunctionalOptimizer):
       beta: 0 sums squared gradients (the paper's default); ``0 < beta < 1``
         keeps their exponential moving average, which decays.
       eps: added to ``nu`` under the square root, ``>= 0``.
-      accumulator_dtype, momentum_dtype: dtypes of the statistics; default:
-        the parameter's for float32/float64, float32 for bfloat16/float16.
+      accumulator_dtype: dtype of the accumulators; default: the
+        parameter's for float32/float64, float32 for bfloat16/float16.
+      momentum_dtype: dtype of the momentum buffer; the same default.
       skip_nonfinite: when any gradient holds a NaN or inf, drop the whole
         step: parameters and state stay bit-identical and ``skipped_steps``
         (saved in ``state_dict()``) goes up by one.  Costs one host sync per
@@ -123,7 +125,7 @@ class SM3(FunctionalOptimizer):
 
     def __init__(
         self,
-        params,
+        params: ParamsT,
         lr: float = 0.1,
         momentum: float = 0.0,
         beta: float = 0.0,

@@ -67,7 +67,7 @@ class _Sym:
     blocked path), rather than generating something else.
     """
 
-    def __init__(self, trace: "_Trace", name: str, dtype: torch.dtype):
+    def __init__(self, trace: _Trace, name: str, dtype: torch.dtype):
         self.trace, self.name, self.dtype = trace, name, dtype
 
     @classmethod

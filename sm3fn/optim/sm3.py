@@ -28,7 +28,8 @@ import torch
 from torch.optim.optimizer import ParamsT
 
 from sm3fn import _checks
-from sm3fn._kernels import sharded as _sharded, sparse as _sparse
+from sm3fn._kernels import sharded as _sharded
+from sm3fn._kernels import sparse as _sparse
 from sm3fn._kernels.blocked import check_kernel_choice
 from sm3fn.alias import sm3 as sm3_tx
 from sm3fn.optim.functional import PARAM, FunctionalOptimizer, Template, param_key
@@ -249,7 +250,7 @@ class SM3(FunctionalOptimizer):
                     )
                 state = self.state.get(p, {})
                 _sharded.check_same_kind(  # the description is made only to raise: it walks the group
-                    "SM3", lambda: self._describe_param(group, p, index[id(p)]), param=p, grad=g,
+                    "SM3", lambda group=group, p=p: self._describe_param(group, p, index[id(p)]), param=p, grad=g,
                     **{k: v for k, v in state.items() if k != STEP and isinstance(v, torch.Tensor)},
                 )
                 (dense if g.layout == torch.strided else sparse).append(p)

@@ -7,7 +7,8 @@ from typing import Callable, Optional
 import torch
 
 from sm3fn import _checks, _tree
-from sm3fn._kernels import sharded as _sharded, sparse as _sparse
+from sm3fn._kernels import sharded as _sharded
+from sm3fn._kernels import sparse as _sparse
 from sm3fn._sm3_math import ema as ema_step
 from sm3fn.base import GradientTransformation, OptState, Tree
 

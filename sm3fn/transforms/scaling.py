@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from tensordict import TensorDict
 
 from sm3fn import _checks, _tree
-from sm3fn.base import GradientTransformation, OptState, Schedule, ScalarOrSchedule, Tree, empty_state
-from tensordict import TensorDict
+from sm3fn.base import GradientTransformation, OptState, ScalarOrSchedule, Schedule, Tree, empty_state
 
 COUNT = "count"
 

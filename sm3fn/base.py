@@ -76,7 +76,7 @@ def identity() -> GradientTransformation:
         _tree.flatten(params, "params")  # rejects what is not a tree
         return empty_state()
 
-    def update(updates: Tree, state: OptState, params: Optional[Tree] = None):
+    def update(updates: Tree, state: OptState, params: Optional[Tree] = None) -> tuple[Tree, OptState]:
         _tree.flatten(updates, "updates")
         return updates, state
 

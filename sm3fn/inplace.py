@@ -120,9 +120,10 @@ def sm3_update_(
             raise ValueError(f"a schedule learning_rate needs state['learning_rate'][{COUNT!r}]; "
                              "the state was made without a schedule")
         count = lr_state.get(COUNT)
-        lr = learning_rate(count)
-        _checks.check_scalar("learning_rate(count)", lr, 0.0)
-        lr = _as_float("learning_rate(count)", lr) if isinstance(lr, torch.Tensor) else float(lr)
+        assert callable(learning_rate)  # what `schedule` says, spelled so that mypy sees it
+        scheduled = learning_rate(count)
+        _checks.check_scalar("learning_rate(count)", scheduled, 0.0)
+        lr = _as_float("learning_rate(count)", scheduled) if isinstance(scheduled, torch.Tensor) else float(scheduled)
 
     sm3_apply_(
         [p_leaves[path] for path in live],

@@ -111,7 +111,8 @@ class _Trace:
     """Records the C++ lines of one traced computation (SSA: one ``auto tN`` per call)."""
 
     def __init__(self, dtype: torch.dtype):
-        self.dtype, self.lines, self.count = dtype, [], 0
+        self.dtype, self.count = dtype, 0
+        self.lines: list[str] = []
 
     def input(self, name: str) -> _Sym:
         return _Sym(self, name, self.dtype)

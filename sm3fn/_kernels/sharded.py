@@ -39,7 +39,7 @@ from sm3fn._sm3_math import Scalar, accumulator_shapes, init_accumulators, sm3_b
 try:
     from torch.distributed.tensor import DTensor, Replicate
 except ImportError:  # a torch built without distributed support
-    DTensor = None
+    DTensor = None  # type: ignore[assignment,misc]  # is_dtensor() then answers False
 
 
 def is_dtensor(t: Optional[torch.Tensor]) -> bool:
@@ -250,7 +250,10 @@ def sm3_apply_any_(
     local_p, local_g, local_a, local_m = [], [], [], []
     for p, g, accs, m in zip(params, grads, accumulators, momentum_buffers):
         if not is_dtensor(p):
-            local_p.append(p), local_g.append(g), local_a.append(list(accs)), local_m.append(m)
+            local_p.append(p)
+            local_g.append(g)
+            local_a.append(list(accs))
+            local_m.append(m)
             continue
         ndim = p.dim()
         if tuple(g.placements) != tuple(p.placements):

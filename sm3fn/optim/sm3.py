@@ -157,7 +157,7 @@ class SM3(FunctionalOptimizer):
     # -- torch-SM3's names for sm3fn.sm3's state ------------------------------------------
 
     compiled = False  # the defaults for optimizers pickled before the options existed
-    fused = None
+    fused: Optional[bool] = None
     _PICKLED = FunctionalOptimizer._PICKLED + (
         "accumulator_dtype", "momentum_dtype", "skip_nonfinite", "skipped_steps", "compiled", "fused")
 
@@ -238,7 +238,8 @@ class SM3(FunctionalOptimizer):
         # 1. check everything, so that a bad group or gradient changes nothing
         for group in self.param_groups:
             self._check_group(group)
-            dense, sparse = [], []
+            dense: list[torch.Tensor] = []
+            sparse: list[torch.Tensor] = []
             for p in group["params"]:
                 g = p.grad
                 if g is None or p.numel() == 0:  # frozen, or nothing to update: skipped
@@ -339,7 +340,7 @@ class SM3(FunctionalOptimizer):
             step = int(step.item())
         elif isinstance(step, torch.Tensor) and step.numel() == 1:
             step = float(step.item())
-        if isinstance(step, bool) or not isinstance(step, numbers.Real) or step < 0 or step != int(step):
+        if isinstance(step, bool) or not isinstance(step, numbers.Real) or step < 0 or step != int(step):  # type: ignore[call-overload]  # Real has __int__ at run time
             raise ValueError(f"{name}: loaded state['step'] must be a count >= 0, got {step!r}")
         buffer = saved.pop(MOMENTUM_BUFFER, None)
         if isinstance(buffer, torch.Tensor):
@@ -364,7 +365,7 @@ class SM3(FunctionalOptimizer):
         else:
             # the accumulators, checked against tx.init's (momentum left out: handled above)
             out = super()._load_param_state(name, p, {**group, "momentum": 0.0}, saved)
-        out[STEP] = torch.tensor(int(step), dtype=torch.int64)
+        out[STEP] = torch.tensor(int(step), dtype=torch.int64)  # type: ignore[call-overload]  # checked Real above
         if buffer is not None:
             out[MOMENTUM_BUFFER] = buffer
         return out

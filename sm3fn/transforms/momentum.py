@@ -38,7 +38,7 @@ def _buffered(
             buffers[path] = torch.zeros_like(p, dtype=_checks.statistics_dtype(p.dtype, dtype))
         return _tree.state_tree(buffers)
 
-    def update(updates: Tree, state: OptState, params: Optional[Tree] = None):
+    def update(updates: Tree, state: OptState, params: Optional[Tree] = None) -> tuple[Tree, OptState]:
         incoming = _tree.flatten(updates, "updates")
         buffers = _tree.flatten(state, f"{owner} state")
         passed = {p for p in incoming if declared_sparse(p) and p not in buffers}

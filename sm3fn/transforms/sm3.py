@@ -18,8 +18,7 @@ ACCUMULATOR = "accumulator_{}"
 def accumulators_by_param(state: OptState) -> dict[_tree.Path, list[torch.Tensor]]:
     """``state`` of :func:`scale_by_sm3` as ``{param path: [a_0, ..., a_{k-1}]}``."""
     found: dict[_tree.Path, dict[int, torch.Tensor]] = {}
-    for key, value in state.items(include_nested=True, leaves_only=True):
-        key = (key,) if isinstance(key, str) else tuple(key)
+    for key, value in _tree.td_leaves(state):
         name = key[-1]
         if len(key) < 2 or not name.startswith("accumulator_"):
             raise ValueError(f"scale_by_sm3 state has an unexpected entry {_tree.fmt(key)}")
@@ -116,7 +115,7 @@ def scale_by_sm3(
                 per_param[path] = list(init_accumulators(p, dtype))
         return accumulator_state(per_param)
 
-    def update(updates: Tree, state: OptState, params: Optional[Tree] = None):
+    def update(updates: Tree, state: OptState, params: Optional[Tree] = None) -> tuple[Tree, OptState]:
         accs_by_path = accumulators_by_param(state)
         # before any gradient is read: torch.compile rejects a sparse one on sight
         _sparse.check_not_compiling(
@@ -135,7 +134,8 @@ def scale_by_sm3(
 
         # DTensors: local maxima of all parameters are all-reduced together, after the loop
         reducer = _sharded.MaxReducer()
-        new_updates, new_accs = {}, {}
+        new_updates: dict[_tree.Path, Optional[torch.Tensor]] = {}
+        new_accs: dict[_tree.Path, list[torch.Tensor]] = {}
         for path, g in grads.items():
             accs = accs_by_path[path]
             if g is None:  # frozen: no update, state kept

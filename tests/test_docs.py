@@ -10,7 +10,6 @@ it shows readers what the other blocks assume, and runs first like the rest.
 from __future__ import annotations
 
 import importlib
-import os
 import re
 from pathlib import Path
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-
 import warnings
 
 import numpy as np
@@ -22,13 +21,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 pytest.importorskip("triton", reason="the Triton backend's tests need triton (pip install triton)")
 
-import sm3fn  # noqa: E402
-from sm3fn._kernels import fused_cpu, triton_gpu  # noqa: E402
-from sm3fn.optim import SM3  # noqa: E402
-from sm3fn._kernels.dispatch import sm3_step_  # noqa: E402
-from sm3fn._sm3_math import init_accumulators  # noqa: E402
 from reference import ReferenceSM3, random_gradient  # noqa: E402
 from test_fused import _exact, _state  # noqa: E402  (the same inputs as the CPU kernel's tests)
+
+import sm3fn  # noqa: E402
+from sm3fn._kernels import fused_cpu, triton_gpu  # noqa: E402
+from sm3fn._kernels.dispatch import sm3_step_  # noqa: E402
+from sm3fn.optim import SM3  # noqa: E402
 
 SHAPES = [(), (1,), (7,), (40,), (3, 37), (17, 16), (1, 5), (5, 1), (2, 3, 19), (2, 1, 3, 5)]
 

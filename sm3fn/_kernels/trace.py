@@ -25,7 +25,7 @@ class Sym:
     #: whether the value is a hyperparameter or made of hyperparameters only (see :class:`Scalar`)
     host = False
 
-    def __init__(self, trace: "Trace", name: str, dtype):
+    def __init__(self, trace: Trace, name: str, dtype):
         self.trace, self.name, self.dtype = trace, name, dtype
 
     @classmethod
@@ -81,14 +81,15 @@ class Trace:
     """
 
     def __init__(self, dtype):
-        self.dtype, self.lines, self.count = dtype, [], 0
+        self.dtype, self.count = dtype, 0
+        self.lines: list[str] = []
         #: the comparisons made on run-time scalars while tracing (see :class:`Scalar`)
         self.assumptions: list[tuple[str, str, float, bool]] = []
 
     def input(self, name: str) -> Sym:
         return Sym(self, name, self.dtype)
 
-    def scalar(self, name: str, value: float) -> "Scalar":
+    def scalar(self, name: str, value: float) -> Scalar:
         """A run-time hyperparameter named ``name`` in the generated code, traced with ``value``."""
         return Scalar(self, name, self.dtype, value)
 
@@ -108,6 +109,17 @@ class Trace:
         raise NotImplementedError
 
 
+def _compare(op: str):
+    """A comparison operator of :class:`Scalar`: answered from the traced value, and recorded."""
+    def compare(self: Scalar, other) -> bool:
+        if isinstance(other, Sym) or isinstance(other, bool) or not isinstance(other, (int, float)):
+            raise NotImplementedError(f"the fused kernel cannot compare {self.name} with {other!r}")
+        result = _COMPARISONS[op](self.value, float(other))
+        self.trace.assumptions.append((self.name, op, float(other), result))
+        return result
+    return compare
+
+
 class Scalar(Sym):
     """A run-time hyperparameter (``lr``, ``momentum``, ``beta``, ``eps``): a kernel argument.
 
@@ -121,23 +133,13 @@ class Scalar(Sym):
 
     host = True
 
-    def __init__(self, trace: "Trace", name: str, dtype, value: float):
+    def __init__(self, trace: Trace, name: str, dtype, value: float):
         super().__init__(trace, name, dtype)
         self.value = float(value)
-
-    def _compare(op: str):
-        def compare(self, other):
-            if isinstance(other, Sym) or isinstance(other, bool) or not isinstance(other, (int, float)):
-                raise NotImplementedError(f"the fused kernel cannot compare {self.name} with {other!r}")
-            result = _COMPARISONS[op](self.value, float(other))
-            self.trace.assumptions.append((self.name, op, float(other), result))
-            return result
-        return compare
 
     __eq__, __ne__ = _compare("=="), _compare("!=")
     __lt__, __le__, __gt__, __ge__ = _compare("<"), _compare("<="), _compare(">"), _compare(">=")
     __hash__ = object.__hash__
-    del _compare
 
 
 _COMPARISONS = {"==": float.__eq__, "!=": float.__ne__, "<": float.__lt__, "<=": float.__le__,

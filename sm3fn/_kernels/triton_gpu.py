@@ -429,6 +429,7 @@ def kernel(param_dtype: torch.dtype, dtype: torch.dtype, k: int, with_momentum: 
                 f.write(text)
             os.replace(partial, path)  # atomic: another process never imports half a file
         spec = importlib.util.spec_from_file_location(f"sm3fn_triton_{digest}", path)
+        assert spec is not None and spec.loader is not None  # a .py file path always has both
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)  # jits (or interprets) as TRITON_INTERPRET says now
         _kernels.setdefault(key, []).append((assumptions, module.sweep))
@@ -626,7 +627,7 @@ def sweep_many_(
     # the new accumulators: every old value has been read by now
     for (device, stats), keys in work.items():
         new = saturate(keys.view(stats), inplace=True)
-        targets = [a.view(-1) for j in sorted(offsets, key=offsets.get) if grads[j].device == device
+        targets = [a.view(-1) for j in sorted(offsets, key=lambda j: offsets[j]) if grads[j].device == device
                    and accumulators[j][0].dtype == stats for a in accumulators[j]]
         torch._foreach_copy_(targets, list(new.split([t.numel() for t in targets])))
     # written through raw pointers: tell autograd, as an ATen in-place op would

@@ -476,3 +476,20 @@ def test_optimizer_step_makes_no_host_synchronisation(gpu_route, monkeypatch, mo
     with _NoHostSync():
         opt.step()
     assert len(launches) == 2 * 3
+
+
+def test_sm3_update_steps_through_the_triton_kernel(gpu_route):
+    """sm3fn.sm3_update_ (the functional in-place step) takes the same route, and agrees with
+    the pure update it stands for."""
+    params = {f"p{i}": p.detach() for i, p in enumerate(_model_params())}
+    grads = {k: torch.randn(v.shape) for k, v in params.items()}
+    tx = sm3fn.sm3(0.1, momentum=0.9)
+    state, pure_state = tx.init(params), tx.init(params)
+    pure = {k: v.clone() for k, v in params.items()}
+    for _ in range(2):
+        sm3fn.sm3_update_(params, grads, state, learning_rate=0.1, momentum=0.9)
+        updates, pure_state = tx.update(grads, pure_state, pure)
+        pure = sm3fn.apply_updates(pure, updates)
+    assert len(gpu_route.grids) == 2 * 2 * 3  # in place and out of place, 3 configurations, 2 steps
+    for k in params:
+        torch.testing.assert_close(params[k], pure[k], rtol=1e-6, atol=1e-6)

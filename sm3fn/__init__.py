@@ -18,10 +18,15 @@ from sm3fn.base import (
     apply_updates,
     identity,
 )
-from sm3fn import schedules
+from sm3fn import schedules, tree
 from sm3fn.func import stop_gradient
 from sm3fn.inject import inject_hyperparams
 from sm3fn.transforms import (
+    MultiSteps,
+    clip,
+    freeze,
+    set_to_zero,
+    zero_nans,
     apply_if_finite,
     add_decayed_weights,
     averaged_params,
@@ -44,6 +49,12 @@ from sm3fn import optim  # after the core: the optimizers build on it
 __version__ = "0.1.0"
 
 __all__ = [
+    "MultiSteps",
+    "clip",
+    "freeze",
+    "set_to_zero",
+    "tree",
+    "zero_nans",
     "GradientTransformation",
     "OptState",
     "Schedule",

@@ -33,6 +33,8 @@ import torch
 import sm3fn
 from sm3fn._sm3_math import init_accumulators, sm3_block
 
+__all__ = ["main", "bench_preset", "bench_functional_overhead", "format_table"]
+
 #: name -> (n_embd, n_layer, vocab, n_ctx)
 PRESETS = {
     "tiny": (64, 2, 4096, 256),  # ~0.4M parameters, for --quick

@@ -26,6 +26,8 @@ from tensordict import TensorDict
 from sm3fn import _checks, _tree
 from sm3fn.base import GradientTransformation, OptState, Tree
 
+__all__ = ["inject_hyperparams"]
+
 COUNT, HYPERPARAMS, INNER_STATE = "count", "hyperparams", "inner_state"
 
 

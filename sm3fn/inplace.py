@@ -19,6 +19,8 @@ from sm3fn.base import OptState, ScalarOrSchedule, Tree
 from sm3fn.transforms.scaling import COUNT
 from sm3fn.transforms.sm3 import accumulators_by_param, check_grad
 
+__all__ = ["sm3_update_"]
+
 
 def _as_float(name: str, value) -> float:
     """A hyperparameter as a Python float (the fast path specialises on it)."""

@@ -46,6 +46,8 @@ from tensordict import TensorDictBase
 
 from sm3fn.base import GradientTransformation, apply_updates
 
+__all__ = ["FunctionalOptimizer", "PARAM", "param_key", "split_state"]
+
 #: stands for the parameter in the per-parameter state keys.
 PARAM = "*"
 

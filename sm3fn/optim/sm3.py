@@ -35,6 +35,8 @@ from sm3fn.optim.functional import PARAM, FunctionalOptimizer, Template, param_k
 from sm3fn.optim.functional import _describe as _describe_value
 from sm3fn.transforms.finite import all_finite
 
+__all__ = ["SM3"]
+
 STEP = "step"
 SKIPPED_STEPS = "skipped_steps"  # a top-level state_dict entry, with skip_nonfinite=True
 MOMENTUM_BUFFER = "momentum_buffer"

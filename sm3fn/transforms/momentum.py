@@ -11,6 +11,8 @@ from sm3fn._kernels import sharded as _sharded, sparse as _sparse
 from sm3fn._sm3_math import ema as ema_step
 from sm3fn.base import GradientTransformation, OptState, Tree
 
+__all__ = ["ema", "trace"]
+
 # (buffer, update) -> (new buffer, outgoing update)
 _BufferStep = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 

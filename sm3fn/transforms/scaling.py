@@ -10,6 +10,8 @@ from sm3fn import _checks, _tree
 from sm3fn.base import GradientTransformation, OptState, Schedule, ScalarOrSchedule, Tree, empty_state
 from tensordict import TensorDict
 
+__all__ = ["scale", "scale_by_schedule", "scale_by_learning_rate"]
+
 COUNT = "count"
 
 

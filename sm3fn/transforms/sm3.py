@@ -11,6 +11,8 @@ from sm3fn._kernels import sharded as _sharded, sparse as _sparse
 from sm3fn._sm3_math import init_accumulators, param_shape, sm3_block
 from sm3fn.base import GradientTransformation, OptState, Tree
 
+__all__ = ["scale_by_sm3"]
+
 ACCUMULATOR = "accumulator_{}"
 
 

@@ -155,3 +155,24 @@ def test_vmap_over_tasks():
     got = torch.func.vmap(run)(params, grads)
     for i in range(tasks):
         torch.testing.assert_close(got[i], run({"w": params["w"][i]}, [{"w": g["w"][i]} for g in grads]))
+
+
+def test_as_a_torch_optimizer():
+    # FunctionalOptimizer keeps the counters as group state and acc_grads per parameter
+    torch.manual_seed(3)
+    p = torch.nn.Parameter(torch.randn(4, 3, dtype=torch.float64))
+    opt = sm3fn.optim.FunctionalOptimizer([p], sm3fn.MultiSteps(sm3fn.sm3(0.1), 2))
+    params = {"w": p.detach().clone()}
+    tx = sm3fn.MultiSteps(sm3fn.sm3(0.1), 2)
+    state = tx.init(params)
+    for _ in range(4):
+        g = torch.randn(4, 3, dtype=torch.float64)
+        p.grad = g.clone()
+        opt.step()
+        updates, state = tx.update({"w": g}, state, params)
+        params = sm3fn.apply_updates(params, updates)
+        torch.testing.assert_close(p.detach(), params["w"], rtol=0, atol=0)
+    saved = opt.state_dict()
+    again = sm3fn.optim.FunctionalOptimizer([torch.nn.Parameter(p.detach().clone())],
+                                            sm3fn.MultiSteps(sm3fn.sm3(0.1), 2))
+    again.load_state_dict(saved)

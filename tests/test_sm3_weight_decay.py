@@ -174,3 +174,15 @@ def test_momentum_set_at_construction_does_not_warn():
             model(torch.randn(4, 3)).sum().backward()
             opt.step()
             sched.step()
+
+
+def test_skipped_nonfinite_step_does_not_decay():
+    p = torch.nn.Parameter(torch.randn(3, 2))
+    opt = SM3([p], lr=0.1, weight_decay=0.5, skip_nonfinite=True)
+    before = p.detach().clone()
+    p.grad = torch.full((3, 2), float("nan"))
+    opt.step()
+    assert torch.equal(p, before) and opt.skipped_steps == 1
+    p.grad = torch.zeros(3, 2)
+    opt.step()  # a finite zero gradient: the decay alone
+    torch.testing.assert_close(p.detach(), before * (1 - 0.1 * 0.5))

@@ -5,7 +5,6 @@ import copy
 import numpy as np
 import pytest
 import torch
-from torch._dynamo.testing import CompileCounter
 
 import sm3fn
 from reference import ReferenceSM3, random_gradient
@@ -123,38 +122,7 @@ def test_copies_and_is_a_gradient_transformation():
     assert torch.equal(u["w"], torch.ones(2)) and bool(again.has_updated(state))
 
 
-def test_compiles_fullgraph_once():
-    tx = sm3fn.MultiSteps(sm3fn.sm3(0.1, momentum=0.9), 3)
-    params = {"w": torch.randn(4, 3), "b": torch.randn(3)}
-    counter = CompileCounter()
-    step = torch.compile(tx.update, backend=counter, fullgraph=True)
-    state, eager_state = tx.init(params), tx.init(params)
-    for _ in range(5):
-        g = {k: torch.randn_like(v) for k, v in params.items()}
-        u, state = step(g, state, params)
-        want, eager_state = tx.update(g, eager_state, params)
-        for key in params:
-            torch.testing.assert_close(u[key], want[key])
-    assert counter.frame_count == 1
-
-
-def test_vmap_over_tasks():
-    torch.manual_seed(0)
-    tasks, k = 3, 2
-    params = {"w": torch.randn(tasks, 3, 2)}
-    grads = [{"w": torch.randn(tasks, 3, 2)} for _ in range(4)]
-
-    def run(p, gs):
-        tx = sm3fn.MultiSteps(sm3fn.sm3(0.1), k)
-        s = tx.init(p)
-        for g in gs:
-            u, s = tx.update(g, s, p)
-            p = sm3fn.apply_updates(p, u)
-        return p["w"]
-
-    got = torch.func.vmap(run)(params, grads)
-    for i in range(tasks):
-        torch.testing.assert_close(got[i], run({"w": params["w"][i]}, [{"w": g["w"][i]} for g in grads]))
+# compile (fullgraph) and vmap: tests/test_optax_transforms.py, with the other new transforms
 
 
 def test_as_a_torch_optimizer():

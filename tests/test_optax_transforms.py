@@ -149,6 +149,7 @@ TRANSFORMS = {
     "set_to_zero": lambda: sm3fn.partition({"t": sm3fn.sm3(0.1), "z": sm3fn.set_to_zero()},
                                            lambda path, p: "z" if path == "b" else "t"),
     "freeze": lambda: sm3fn.chain(sm3fn.sm3(0.1), sm3fn.freeze(lambda path, p: path == "b")),
+    "MultiSteps": lambda: sm3fn.chain(sm3fn.zero_nans(), sm3fn.MultiSteps(sm3fn.sm3(0.1, momentum=0.9), 2)),
 }
 
 

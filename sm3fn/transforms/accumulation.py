@@ -6,7 +6,7 @@ import numbers
 from typing import Callable, Optional, Union
 
 import torch
-from tensordict import TensorDict, TensorDictBase
+from tensordict import TensorDict
 
 from sm3fn import _checks, _tree
 from sm3fn.base import GradientTransformation, OptState, Tree
@@ -102,9 +102,7 @@ class MultiSteps(GradientTransformation):
             )
 
         def update(updates: Tree, state: OptState, params: Optional[Tree] = None):
-            if not isinstance(state, TensorDictBase) or sorted(state.keys()) != sorted(_KEYS):
-                got = sorted(state.keys()) if isinstance(state, TensorDictBase) else type(state).__name__
-                raise ValueError(f"MultiSteps state must have keys {sorted(_KEYS)}, got {got}")
+            _tree.check_state_keys(state, _KEYS, "MultiSteps")
             grads = _tree.flatten(updates, "updates")
             accs = _tree.flatten(state.get(ACC_GRADS), "state")
             _tree.check_same_keys(grads, accs, "MultiSteps")

@@ -83,9 +83,7 @@ def apply_if_finite(
         )
 
     def update(updates: Tree, state: OptState, params: Optional[Tree] = None):
-        if not isinstance(state, TensorDictBase) or sorted(state.keys()) != sorted(_KEYS):
-            got = sorted(state.keys()) if isinstance(state, TensorDictBase) else type(state).__name__
-            raise ValueError(f"apply_if_finite state must have keys {sorted(_KEYS)}, got {got}")
+        _tree.check_state_keys(state, _KEYS, "apply_if_finite")
         grads = _tree.flatten(updates, "updates")
         old_inner = state.get(INNER)
         new_updates, new_inner = inner.update(updates, old_inner, params)

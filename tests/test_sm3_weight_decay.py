@@ -186,3 +186,21 @@ def test_skipped_nonfinite_step_does_not_decay():
     p.grad = torch.zeros(3, 2)
     opt.step()  # a finite zero gradient: the decay alone
     torch.testing.assert_close(p.detach(), before * (1 - 0.1 * 0.5))
+
+
+def test_momentum_from_a_loaded_checkpoint_does_not_warn():
+    p = torch.nn.Parameter(torch.randn(3, 2))
+    saver = SM3([p], momentum=0.9)
+    p.grad = torch.randn(3, 2)
+    saver.step()
+    opt = SM3([p])  # made with momentum 0, then given the run's momentum by its checkpoint
+    opt.load_state_dict(saver.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()
+    opt.param_groups[0]["momentum"] = 0.0  # a loaded group at 0 that then leaves it does warn
+    loaded_at_zero = SM3([p], momentum=0.9)
+    loaded_at_zero.load_state_dict(opt.state_dict())
+    loaded_at_zero.param_groups[0]["momentum"] = 0.5
+    with pytest.warns(UserWarning, match="momentum=0.5"):
+        loaded_at_zero.step()

@@ -409,6 +409,8 @@ class SM3(FunctionalOptimizer):
             state_dict = {**state_dict, "param_groups": [{"weight_decay": 0.0, **g} for g in groups]}
         super().load_state_dict(state_dict)
         self.skipped_steps = skipped
+        # the loaded momentum is the run's own: warn only when it later leaves 0
+        self._zero_momentum_groups = {i for i, g in enumerate(self.param_groups) if g["momentum"] == 0}
 
     def _load_param_state(
         self, name: str, p: torch.Tensor, group: Mapping[str, Any], saved: Mapping[str, Any]

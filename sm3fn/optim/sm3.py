@@ -26,10 +26,12 @@ import warnings
 from typing import Any, Callable, Mapping, Optional
 
 import torch
+from torch.optim.optimizer import ParamsT
 
 from sm3fn import _checks
-from sm3fn._kernels import sharded as _sharded, sparse as _sparse
 from sm3fn._kernels import check_kernel_choice, sm3_step_
+from sm3fn._kernels import sharded as _sharded
+from sm3fn._kernels import sparse as _sparse
 from sm3fn.alias import sm3 as sm3_tx
 from sm3fn.optim.functional import PARAM, FunctionalOptimizer, Template, param_key
 from sm3fn.optim.functional import _describe as _describe_value
@@ -120,15 +122,9 @@ class SM3(FunctionalOptimizer):
         group with ``weight_decay=0``).  Parameters with sparse gradients must
         be in a group with ``weight_decay=0`` (decaying every row would make
         their step dense).
-
-    Warnings (once per optimizer): a param group key that SM3 does not use
-    (e.g. Adam's ``betas``, which would otherwise be ignored silently), and a
-    group whose ``momentum`` leaves 0 after construction (``OneCycleLR`` and
-    ``CyclicLR`` with their default ``cycle_momentum=True`` do this), which
-    makes SM3 keep a parameter-sized momentum buffer; pass
-    ``cycle_momentum=False`` to keep SM3's memory.
-      accumulator_dtype, momentum_dtype: dtypes of the statistics; default:
-        the parameter's for float32/float64, float32 for bfloat16/float16.
+      accumulator_dtype: dtype of the accumulators; default: the
+        parameter's for float32/float64, float32 for bfloat16/float16.
+      momentum_dtype: dtype of the momentum buffer; the same default.
       skip_nonfinite: when any gradient holds a NaN or inf, drop the whole
         step: parameters and state stay bit-identical and ``skipped_steps``
         (saved in ``state_dict()``) goes up by one.  Costs one host sync per
@@ -149,6 +145,13 @@ class SM3(FunctionalOptimizer):
         instead (inductor; the first steps compile, seconds per
         configuration); excludes ``fused=True``.
 
+    Warnings (once per optimizer): a param group key that SM3 does not use
+    (e.g. Adam's ``betas``, which would otherwise be ignored silently), and a
+    group whose ``momentum`` leaves 0 after construction (``OneCycleLR`` and
+    ``CyclicLR`` with their default ``cycle_momentum=True`` do this), which
+    makes SM3 keep a parameter-sized momentum buffer; pass
+    ``cycle_momentum=False`` to keep SM3's memory.
+
     Sparse gradients (``nn.Embedding(sparse=True)``, ``nn.EmbeddingBag(sparse=True)``,
     any ``torch.sparse_coo`` gradient) update only the rows they touch, with
     the row accumulator ``a_0`` as the only cover; other rows keep their
@@ -168,7 +171,7 @@ class SM3(FunctionalOptimizer):
 
     def __init__(
         self,
-        params,
+        params: ParamsT,
         lr: float = 0.1,
         momentum: float = 0.0,
         beta: float = 0.0,
@@ -202,7 +205,7 @@ class SM3(FunctionalOptimizer):
     # -- torch-SM3's names for sm3fn.sm3's state ------------------------------------------
 
     compiled = False  # the defaults for optimizers pickled before the options existed
-    fused = None
+    fused: Optional[bool] = None
     _warned_keys: set = frozenset()  # optimizers pickled before the warnings existed: warn again
     _zero_momentum_groups: set = frozenset()
     _PICKLED = FunctionalOptimizer._PICKLED + (
@@ -315,7 +318,8 @@ class SM3(FunctionalOptimizer):
         # 1. check everything, so that a bad group or gradient changes nothing
         for group in self.param_groups:
             self._check_group(group)
-            dense, sparse = [], []
+            dense: list[torch.Tensor] = []
+            sparse: list[torch.Tensor] = []
             for p in group["params"]:
                 g = p.grad
                 if g is None or p.numel() == 0:  # frozen, or nothing to update: skipped
@@ -327,7 +331,7 @@ class SM3(FunctionalOptimizer):
                     )
                 state = self.state.get(p, {})
                 _sharded.check_same_kind(  # the description is made only to raise: it walks the group
-                    "SM3", lambda: self._describe_param(group, p, index[id(p)]), param=p, grad=g,
+                    "SM3", lambda group=group, p=p: self._describe_param(group, p, index[id(p)]), param=p, grad=g,
                     **{k: v for k, v in state.items() if k != STEP and isinstance(v, torch.Tensor)},
                 )
                 (dense if g.layout == torch.strided else sparse).append(p)
@@ -426,7 +430,7 @@ class SM3(FunctionalOptimizer):
             step = int(step.item())
         elif isinstance(step, torch.Tensor) and step.numel() == 1:
             step = float(step.item())
-        if isinstance(step, bool) or not isinstance(step, numbers.Real) or step < 0 or step != int(step):
+        if isinstance(step, bool) or not isinstance(step, numbers.Real) or step < 0 or step != int(step):  # type: ignore[call-overload]  # Real has __int__ at run time
             raise ValueError(f"{name}: loaded state['step'] must be a count >= 0, got {step!r}")
         buffer = saved.pop(MOMENTUM_BUFFER, None)
         if isinstance(buffer, torch.Tensor):
@@ -451,7 +455,7 @@ class SM3(FunctionalOptimizer):
         else:
             # the accumulators, checked against tx.init's (momentum left out: handled above)
             out = super()._load_param_state(name, p, {**group, "momentum": 0.0}, saved)
-        out[STEP] = torch.tensor(int(step), dtype=torch.int64)
+        out[STEP] = torch.tensor(int(step), dtype=torch.int64)  # type: ignore[call-overload]  # checked Real above
         if buffer is not None:
             out[MOMENTUM_BUFFER] = buffer
         return out

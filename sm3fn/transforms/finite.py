@@ -3,7 +3,7 @@ finite; ``zero_nans`` replaces NaN entries by zeros."""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from tensordict import TensorDict, TensorDictBase
@@ -82,7 +82,7 @@ def apply_if_finite(
             batch_size=[],
         )
 
-    def update(updates: Tree, state: OptState, params: Optional[Tree] = None):
+    def update(updates: Tree, state: OptState, params: Optional[Tree] = None) -> tuple[Tree, OptState]:
         _tree.check_state_keys(state, _KEYS, "apply_if_finite")
         grads = _tree.flatten(updates, "updates")
         old_inner = state.get(INNER)
@@ -129,7 +129,7 @@ def _select(apply: torch.Tensor, new: TensorDictBase, old: TensorDictBase, prefi
             f"apply_if_finite: the inner state at {_tree.fmt(prefix)} changed its keys "
             f"from {sorted(old.keys())} to {sorted(new.keys())}; it cannot be rolled back"
         )
-    out = {}
+    out: dict[str, Any] = {}
     for key in new.keys():
         a, b = new.get(key), old.get(key)
         if isinstance(a, TensorDictBase):

@@ -501,6 +501,7 @@ def warmup_cosine_decay_schedule(
     if decay_steps <= warmup_steps:
         raise ValueError(f"decay_steps must be > warmup_steps={warmup_steps} (it includes the warm-up), "
                          f"got {decay_steps}")
+    alpha: Value
     if isinstance(peak_value, torch.Tensor) or isinstance(end_value, torch.Tensor):
         peak = torch.as_tensor(peak_value)
         alpha = torch.where(peak == 0, torch.zeros_like(peak), end_value / torch.where(peak == 0, 1.0, peak))

@@ -23,7 +23,7 @@ from __future__ import annotations
 import functools
 import numbers
 import warnings
-from typing import Any, Callable, Mapping, Optional
+from typing import AbstractSet, Any, Callable, Mapping, Optional
 
 import torch
 from torch.optim.optimizer import ParamsT
@@ -195,8 +195,8 @@ class SM3(FunctionalOptimizer):
         _checks.check_dtype_arg("momentum_dtype", momentum_dtype)
         self.accumulator_dtype = accumulator_dtype
         self.momentum_dtype = momentum_dtype
-        self._warned_keys: set[str] = set()
-        self._zero_momentum_groups: set[int] = set()
+        self._warned_keys = set()
+        self._zero_momentum_groups = set()
         self._check_group({"lr": lr, "momentum": momentum, "beta": beta, "eps": eps, "weight_decay": weight_decay})
 
         tx = functools.partial(_transform, accumulator_dtype=accumulator_dtype, momentum_dtype=momentum_dtype)
@@ -206,8 +206,8 @@ class SM3(FunctionalOptimizer):
 
     compiled = False  # the defaults for optimizers pickled before the options existed
     fused: Optional[bool] = None
-    _warned_keys: set = frozenset()  # optimizers pickled before the warnings existed: warn again
-    _zero_momentum_groups: set = frozenset()
+    _warned_keys: AbstractSet[str] = frozenset()  # optimizers pickled before the warnings: warn again
+    _zero_momentum_groups: AbstractSet[int] = frozenset()
     _PICKLED = FunctionalOptimizer._PICKLED + (
         "accumulator_dtype", "momentum_dtype", "skip_nonfinite", "skipped_steps", "compiled", "fused",
         "_warned_keys", "_zero_momentum_groups")

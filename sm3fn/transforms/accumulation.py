@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numbers
-from typing import Callable, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from tensordict import TensorDict
@@ -64,13 +64,15 @@ class MultiSteps(GradientTransformation):
         tx.has_updated(state)                              # tensor(True) after every 4th
     """
 
+    _args: tuple[Any, ...]  # (inner, every_k_schedule, use_grad_mean, accumulator_dtype)
+
     def __new__(
         cls,
         inner: GradientTransformation,
         every_k_schedule: Union[int, Callable[[torch.Tensor], Union[int, torch.Tensor]]],
         use_grad_mean: bool = True,
         accumulator_dtype: Optional[torch.dtype] = None,
-    ) -> "MultiSteps":
+    ) -> MultiSteps:
         if not isinstance(inner, GradientTransformation):
             raise TypeError(f"inner must be a GradientTransformation, got {type(inner).__name__}")
         if isinstance(every_k_schedule, numbers.Integral) and not isinstance(every_k_schedule, bool):

@@ -163,7 +163,8 @@ def zero_nans() -> GradientTransformation:
         leaves = _tree.flatten(updates, "updates")
         flags = _tree.flatten(state, "state")
         _tree.check_same_keys(leaves, flags, "zero_nans")
-        out, new_flags = {}, {}
+        out: dict[_tree.Path, Optional[torch.Tensor]] = {}
+        new_flags: dict[_tree.Path, torch.Tensor] = {}
         for path, u in leaves.items():
             if u is None:
                 out[path], new_flags[path] = None, flags[path]

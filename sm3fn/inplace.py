@@ -120,6 +120,14 @@ def sm3_update_(
         lr = learning_rate(count)
         _checks.check_scalar("learning_rate(count)", lr, 0.0)
         lr = _as_float("learning_rate(count)", lr) if isinstance(lr, torch.Tensor) else float(lr)
+    state_tensors = [(f"state['sm3'][{_tree.fmt(path)}]['accumulator_{i}']", a)
+                     for path in live for i, a in enumerate(accs_by_path[path])]
+    state_tensors += [(f"state['momentum'][{_tree.fmt(path)}]", buffers[path])
+                      for path in live if with_momentum]
+    named_params = [(f"params[{_tree.fmt(path)}]", p_leaves[path]) for path in live]
+    _checks.check_in_place_step(named_params, [accs_by_path[path][0].dtype for path in live], lr, eps,
+                                state_tensors)
+    _checks.check_no_aliasing(named_params)
 
     sm3_apply_(
         [p_leaves[path] for path in live],

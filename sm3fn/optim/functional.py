@@ -44,6 +44,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Union
 import torch
 from tensordict import TensorDictBase
 
+from sm3fn import _checks
 from sm3fn.base import GradientTransformation, apply_updates
 
 #: stands for the parameter in the per-parameter state keys.
@@ -238,6 +239,10 @@ class FunctionalOptimizer(torch.optim.Optimizer):
         loss = self._evaluate(closure)
         index = self._index()
         plans = []
+        # parameters are written in place, one after another: two over one memory would
+        # each get the other's update overwritten, so they are refused
+        _checks.check_no_aliasing([(f"parameter {index[id(p)]}", p) for g in self.param_groups
+                                   for p in g["params"] if p.grad is not None])
         for group in self.param_groups:  # compute everything first: a failure changes nothing
             self._check_group(group)
             tx = self._transform(group)

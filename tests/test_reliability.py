@@ -1,0 +1,171 @@
+"""Issue 15: a failing step moves nothing, accumulators at their own size, aliased
+parameters, tensor hyperparameters re-checked, states that share nothing, checkpoints
+with impossible values refused, and private PyTorch APIs behind fallbacks."""
+
+import pytest
+import torch
+
+import sm3fn
+from sm3fn.optim import SM3, FunctionalOptimizer
+from reference import ReferenceSM3
+
+KERNELS = [None, True, False]  # fused=None (default), the fused kernel, the blocked path
+
+
+def _model(dtype=torch.float32):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2)).to(dtype)
+    model(torch.randn(5, 4, dtype=dtype)).square().sum().backward()
+    return model
+
+
+def _snapshot(model, opt):
+    return ([p.detach().clone() for p in model.parameters()],
+            {id(p): {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in s.items()}
+             for p, s in opt.state.items()})
+
+
+def _assert_unchanged(model, opt, snap):
+    params, state = snap
+    for p, before in zip(model.parameters(), params):
+        assert torch.equal(p.detach(), before)
+    assert {id(p) for p in opt.state} == set(state)
+    for p, s in opt.state.items():
+        assert s.keys() == state[id(p)].keys()
+        for k, v in s.items():
+            assert torch.equal(v, state[id(p)][k]) if isinstance(v, torch.Tensor) else v == state[id(p)][k]
+
+
+# -- item 2: a failing step moves nothing ------------------------------------------------
+
+
+@pytest.mark.parametrize("fused", KERNELS)
+@pytest.mark.parametrize("lr", [1e39, float("inf")])
+def test_lr_that_overflows_the_statistics_dtype_moves_nothing(fused, lr):
+    model = _model()
+    opt = SM3(model.parameters(), lr=0.1, momentum=0.9, fused=fused)
+    opt.step()  # state exists: the failing step must leave it as it is
+    model(torch.randn(5, 4)).square().sum().backward()
+    snap = _snapshot(model, opt)
+    opt.param_groups[0]["lr"] = lr
+    with pytest.raises(ValueError, match=r"lr.*(1e\+39|inf)"):
+        opt.step()
+    _assert_unchanged(model, opt, snap)
+
+
+def test_lr_1e39_is_fine_for_float64_statistics():
+    model = _model(torch.float64)
+    opt = SM3(model.parameters(), lr=1e39)
+    opt.step()
+    assert all(p.isfinite().all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("fused", KERNELS)
+def test_sm3_update_lr_overflow_moves_nothing(fused):
+    gen = torch.Generator().manual_seed(3)
+    params = {"w": torch.randn(3, 4, generator=gen), "b": torch.randn(4, generator=gen)}
+    grads = {k: torch.randn(v.shape, generator=gen) for k, v in params.items()}
+    state = sm3fn.sm3(0.1, momentum=0.9).init(params)
+    before_p, before_s = {k: v.clone() for k, v in params.items()}, state.clone()
+    with pytest.raises(ValueError, match=r"lr=1e\+39.*float32.*params\['(w|b)'\]"):
+        sm3fn.sm3_update_(params, grads, state, learning_rate=1e39, momentum=0.9, fused=fused)
+    assert all(torch.equal(params[k], before_p[k]) for k in params)
+    assert (state == before_s).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_float8_parameters_are_refused_before_any_write(dtype):
+    torch.manual_seed(0)
+    good = torch.nn.Parameter(torch.randn(3, 4))
+    bad = torch.nn.Parameter(torch.randn(4).to(dtype))
+    good.grad, bad.grad = torch.randn(3, 4), torch.randn(4).to(dtype)
+    opt = SM3([good, bad], lr=0.1)
+    before = good.detach().clone()
+    with pytest.raises(TypeError, match=f"parameter 1.*{dtype}"):
+        opt.step()
+    assert torch.equal(good.detach(), before) and not opt.state
+    with pytest.raises(TypeError, match=f"params\\['b'\\].*{dtype}"):
+        sm3fn.sm3().init({"w": good.detach(), "b": bad.detach()})
+
+
+@pytest.mark.parametrize("make", [lambda d: sm3fn.sm3(accumulator_dtype=d), lambda d: sm3fn.ema(0.9, dtype=d),
+                                  lambda d: SM3([torch.nn.Parameter(torch.ones(2))], accumulator_dtype=d)])
+def test_float8_statistics_dtype_is_refused(make):
+    with pytest.raises(TypeError, match=r"dtype.*float8_e4m3fn"):
+        make(torch.float8_e4m3fn)
+
+
+# -- item 4: aliased parameters ----------------------------------------------------------
+
+
+def _aliased_pair():
+    base = torch.zeros(4)
+    a, b = torch.nn.Parameter(base), torch.nn.Parameter(base)  # one storage
+    a.grad, b.grad = torch.ones(4), torch.ones(4)
+    return a, b
+
+
+@pytest.mark.parametrize("fused", KERNELS)
+def test_aliased_parameters_are_refused_by_every_kernel(fused):
+    a, b = _aliased_pair()
+    opt = SM3([a, b], lr=0.1, fused=fused)
+    with pytest.raises(ValueError, match=r"parameter 0.*parameter 1.*share memory"):
+        opt.step()
+    assert torch.equal(a.detach(), torch.zeros(4)) and not opt.state
+
+
+@pytest.mark.parametrize("fused", KERNELS)
+def test_parameter_listed_twice_is_refused(fused):
+    p = torch.nn.Parameter(torch.zeros(4))
+    p.grad = torch.ones(4)
+    with pytest.warns(UserWarning, match="duplicate"):  # torch.optim's own warning
+        opt = SM3([p, p], lr=0.1, fused=fused)
+    with pytest.raises(ValueError, match="share memory"):
+        opt.step()
+    assert torch.equal(p.detach(), torch.zeros(4))
+
+
+def test_aliased_parameters_in_other_entry_points():
+    a, b = _aliased_pair()
+    opt = FunctionalOptimizer([a, b], lambda lr: sm3fn.sm3(lr), lr=0.1)
+    with pytest.raises(ValueError, match="share memory"):
+        opt.step()
+    params = {"a": a.detach(), "b": b.detach()}
+    state = sm3fn.sm3(0.1).init(params)
+    with pytest.raises(ValueError, match=r"params\['a'\] and params\['b'\] share memory"):
+        sm3fn.sm3_update_(params, {"a": torch.ones(4), "b": torch.ones(4)}, state)
+    assert torch.equal(a.detach(), torch.zeros(4))
+    # the pure update writes nothing: each key is stepped on its own, as documented
+    updates, _ = sm3fn.sm3(0.1).update({"a": torch.ones(4), "b": torch.ones(4)}, state, params)
+    assert torch.allclose(updates["a"], torch.full((4,), -0.1))
+
+
+def test_overlapping_views_are_refused_and_disjoint_views_are_not():
+    base = torch.zeros(6, 5)
+    cols = {"c0": base[:, 0], "c1": base[:, 1]}  # one storage, disjoint elements
+    state = sm3fn.sm3(0.1).init(cols)
+    sm3fn.sm3_update_(cols, {k: torch.ones(6) for k in cols}, state)
+    assert torch.allclose(base[:, :2], torch.full((6, 2), -0.1))
+    overlap = {"col": base[:, 0], "row": base[2]}  # share base[2, 0]
+    state = sm3fn.sm3(0.1).init(overlap)
+    with pytest.raises(ValueError, match=r"params\['col'\] and params\['row'\]"):
+        sm3fn.sm3_update_(overlap, {"col": torch.ones(6), "row": torch.ones(5)}, state)
+
+
+@pytest.mark.parametrize("fused", KERNELS)
+def test_tied_weights_step_once_as_the_reference(fused):
+    """One nn.Parameter used twice (tied embedding and output weights) is one parameter:
+    it is stepped once, with the sum of both uses' gradients, as the reference says."""
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(7, 3)
+    head = torch.nn.Linear(3, 7, bias=False)
+    head.weight = emb.weight
+    model = torch.nn.ModuleDict({"emb": emb, "head": head})
+    params = list(model.parameters())
+    assert len(params) == 1
+    head(emb(torch.tensor([1, 2, 5]))).square().sum().backward()
+    ref = ReferenceSM3(emb.weight.detach().numpy(), lr=0.1, momentum=0.9)
+    ref.step(emb.weight.grad.numpy())
+    SM3(params, lr=0.1, momentum=0.9, fused=fused).step()
+    torch.testing.assert_close(emb.weight.detach(), torch.from_numpy(ref.p).float())
+    assert head.weight is emb.weight

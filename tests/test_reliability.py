@@ -169,3 +169,50 @@ def test_tied_weights_step_once_as_the_reference(fused):
     SM3(params, lr=0.1, momentum=0.9, fused=fused).step()
     torch.testing.assert_close(emb.weight.detach(), torch.from_numpy(ref.p).float())
     assert head.weight is emb.weight
+
+
+# -- item 5: tensor hyperparameters changed in place are checked again -------------------
+
+
+def _pure_setup():
+    gen = torch.Generator().manual_seed(5)
+    params = {"w": torch.randn(3, 4, generator=gen), "b": torch.randn(4, generator=gen)}
+    grads = {k: torch.randn(v.shape, generator=gen) for k, v in params.items()}
+    return params, grads
+
+
+@pytest.mark.parametrize("name,make,bad,pattern", [
+    ("lr", lambda t: sm3fn.sm3(t), -1.0, r"learning_rate.*-1\.0"),
+    ("lr", lambda t: sm3fn.sm3(t), float("inf"), r"learning_rate.*inf"),
+    ("lr", lambda t: sm3fn.scale_by_learning_rate(t), float("nan"), r"learning_rate.*nan"),
+    ("momentum", lambda t: sm3fn.sm3(0.1, momentum=t), float("nan"), r"momentum|decay.*nan"),
+    ("momentum", lambda t: sm3fn.ema(t), 1.0, r"decay.*1\.0"),
+    ("momentum", lambda t: sm3fn.trace(t), -0.5, r"decay.*-0\.5"),
+    ("beta", lambda t: sm3fn.sm3(0.1, beta=t), 2.0, r"beta.*2\.0"),
+    ("beta", lambda t: sm3fn.scale_by_sm3(beta=t), float("nan"), r"beta.*nan"),
+])
+def test_tensor_hyperparameter_changed_in_place_is_refused_by_update(name, make, bad, pattern):
+    value = torch.tensor(0.5)
+    tx = make(value)
+    params, grads = _pure_setup()
+    state = tx.init(params)
+    _, state = tx.update(grads, state, params)  # the value as given steps
+    value.fill_(bad)
+    before = state.clone()
+    with pytest.raises(ValueError, match=pattern):
+        tx.update(grads, state, params)
+    assert (state == before).all()
+
+
+def test_tensor_hyperparameters_are_not_read_under_vmap():
+    """A swept tensor (vmap) is not read, as at construction: no error from the check itself."""
+    lrs = torch.tensor([0.1, 0.2])
+    params, grads = _pure_setup()
+
+    def one(lr):
+        tx = sm3fn.sm3(lr, momentum=0.5)
+        updates, _ = tx.update(grads, tx.init(params), params)
+        return updates["w"]
+
+    out = torch.func.vmap(one)(lrs)
+    torch.testing.assert_close(out[1], 2 * out[0])

@@ -216,3 +216,57 @@ def test_tensor_hyperparameters_are_not_read_under_vmap():
 
     out = torch.func.vmap(one)(lrs)
     torch.testing.assert_close(out[1], 2 * out[0])
+
+
+# -- item 3: state made at its own size --------------------------------------------------
+
+from sm3fn.benchmark import step_peak_bytes  # noqa: E402
+
+
+def _state_bytes(tensors):
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def test_init_allocates_only_the_state():
+    """bf16 parameters with float32 statistics: a zeros_like(param, float32) temporary
+    would be twice the parameter's bytes; the state is a few KiB."""
+    gen = torch.Generator().manual_seed(6)
+    params = {"w": torch.randn(2048, 1024, generator=gen).bfloat16(),
+              "cube": torch.randn(64, 32, 16, generator=gen).bfloat16(), "b": torch.randn(1024).bfloat16()}
+    tx = sm3fn.sm3(0.1)
+    state = tx.init(params)
+    peak = step_peak_bytes(lambda: tx.init(params))
+    state_bytes = _state_bytes(state.values(True, True))
+    assert peak <= state_bytes + 4096, (peak, state_bytes)
+    for key, a in state.items(True, True):  # zeros, at the documented shapes
+        assert a.dtype == torch.float32 and not a.any()
+    assert state["sm3", "w", "accumulator_1"].shape == (1, 1024)
+    assert state["sm3", "cube", "accumulator_1"].shape == (1, 32, 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_first_step_of_the_optimizer_allocates_no_parameter_sized_memory(dtype):
+    gen = torch.Generator().manual_seed(7)
+    p = torch.nn.Parameter(torch.randn(2048, 1024, generator=gen).to(dtype))
+    p.grad = torch.randn(2048, 1024, generator=gen).to(dtype)
+    opt = SM3([p], lr=0.1, fused=True)  # the fused kernel: no block scratch to hide a temporary
+    peak = step_peak_bytes(opt.step)
+    state_bytes = _state_bytes(v for v in opt.state[p].values())
+    threads_maxima = torch.get_num_threads() * (2048 + 1024) * 4
+    assert peak <= state_bytes + threads_maxima + 4096, (peak, state_bytes)
+    assert peak < 0.05 * p.numel() * p.element_size()
+
+
+def test_load_state_dict_allocates_about_the_state():
+    gen = torch.Generator().manual_seed(8)
+    p = torch.nn.Parameter(torch.randn(2048, 1024, generator=gen).bfloat16())
+    p.grad = torch.randn(2048, 1024, generator=gen).bfloat16()
+    opt = SM3([p], lr=0.1)
+    opt.step()
+    saved = opt.state_dict()
+    fresh = SM3([p], lr=0.1)
+    peak = step_peak_bytes(lambda: fresh.load_state_dict(saved))
+    state_bytes = _state_bytes(v for v in opt.state[p].values())
+    assert peak <= 2 * state_bytes + 4096, (peak, state_bytes)
+    for k, v in opt.state[p].items():
+        assert torch.equal(fresh.state[p][k], v)

@@ -270,3 +270,61 @@ def test_load_state_dict_allocates_about_the_state():
     assert peak <= 2 * state_bytes + 4096, (peak, state_bytes)
     for k, v in opt.state[p].items():
         assert torch.equal(fresh.state[p][k], v)
+
+
+# -- item 6: a new state shares no memory with the old one -------------------------------
+
+SHARING_CASES = {
+    "sm3": lambda: sm3fn.sm3(0.1, momentum=0.9),
+    "scale_by_sm3": lambda: sm3fn.scale_by_sm3(beta=0.5),
+    "trace": lambda: sm3fn.trace(0.9),
+    "schedule": lambda: sm3fn.sm3(lambda count: 0.1 / (1 + count)),
+    "tensor hyperparameters": lambda: sm3fn.sm3(torch.tensor(0.1), momentum=torch.tensor(0.9),
+                                                beta=torch.tensor(0.5)),
+    "inject_hyperparams": lambda: sm3fn.inject_hyperparams(sm3fn.sm3)(learning_rate=0.1, momentum=0.9),
+    "apply_if_finite": lambda: sm3fn.apply_if_finite(sm3fn.sm3(0.1, momentum=0.9)),
+    "masked": lambda: sm3fn.masked(sm3fn.sm3(0.1, momentum=0.9), lambda path, p: p.dim() >= 2),
+    "partition": lambda: sm3fn.partition({"m": sm3fn.sm3(0.1, momentum=0.9), "v": sm3fn.trace(0.5)},
+                                         lambda path, p: "m" if p.dim() >= 2 else "v"),
+    "averaging": lambda: sm3fn.chain(sm3fn.sm3(0.1), sm3fn.parameter_averaging(decay=0.9)),
+    "weight decay, clipping": lambda: sm3fn.chain(sm3fn.add_decayed_weights(1e-2), sm3fn.clip_by_global_norm(1.0),
+                                                  sm3fn.sm3(0.1, momentum=0.9)),
+}
+
+
+def _storages(state):
+    return {t.untyped_storage().data_ptr() for t in state.values(True, True) if t.numel()}
+
+
+@pytest.mark.parametrize("frozen", [(), ("w",), ("w", "b")])
+@pytest.mark.parametrize("name", list(SHARING_CASES))
+def test_pure_update_returns_a_state_that_shares_no_memory_with_its_input(name, frozen):
+    """A snapshot kept for rollback survives an in-place step on the new state."""
+    tx = SHARING_CASES[name]()
+    params, grads = _pure_setup()
+    state = tx.init(params)
+    _, state = tx.update(grads, state, params)
+    grads = {k: None if k in frozen else g for k, g in grads.items()}
+    _, new_state = tx.update(grads, state, params)
+    assert not _storages(state) & _storages(new_state)
+
+
+def test_rollback_snapshot_survives_sm3_update_after_a_frozen_step():
+    tx = sm3fn.sm3(0.1, momentum=0.9)
+    params, grads = _pure_setup()
+    _, snapshot = tx.update(grads, tx.init(params), params)
+    kept = snapshot.clone()
+    _, state = tx.update({"w": None, "b": grads["b"]}, snapshot, params)
+    sm3fn.sm3_update_(params, grads, state, learning_rate=0.1, momentum=0.9)
+    assert (snapshot == kept).all()
+
+
+def test_sparse_updates_share_no_memory_either():
+    tx = sm3fn.sm3(0.1, momentum=0.9)
+    params = {"emb": torch.randn(6, 3)}
+    state = tx.init(params)
+    for rows in ([1, 4], []):  # touched rows, then none
+        g = torch.sparse_coo_tensor(torch.tensor([rows], dtype=torch.int64), torch.ones(len(rows), 3), (6, 3))
+        _, new_state = tx.update({"emb": g}, state, params)
+        assert not _storages(state) & _storages(new_state)
+        state = new_state

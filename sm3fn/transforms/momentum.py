@@ -61,8 +61,8 @@ def _buffered(
             if path in passed:
                 outgoing[path] = u
                 continue
-            if u is None or _sparse.is_sparse(u):
-                outgoing[path], new_buffers[path] = u, buffers[path]
+            if u is None or _sparse.is_sparse(u):  # buffer kept, as a copy: the new state shares nothing
+                outgoing[path], new_buffers[path] = u, buffers[path].clone()
                 continue
             new_buffers[path], out = step(buffers[path], u.to(buffers[path].dtype))
             outgoing[path] = out.to(u.dtype)

@@ -139,12 +139,14 @@ def scale_by_sm3(
         new_updates, new_accs = {}, {}
         for path, g in grads.items():
             accs = accs_by_path[path]
-            if g is None:  # frozen: no update, state kept
-                new_updates[path], new_accs[path] = None, accs
+            # a pure update shares no memory with its input state: an in-place step
+            # (sm3_update_) on the new state must not change a snapshot of the old one
+            if g is None:  # frozen: no update, state kept (as a copy, its own size)
+                new_updates[path], new_accs[path] = None, [a.clone() for a in accs]
                 continue
             if _sparse.is_sparse(g):
                 new_updates[path], a0 = _sparse.sparse_update(g, accs[0], beta, eps)
-                new_accs[path] = [a0, *accs[1:]]
+                new_accs[path] = [a0, *(a.clone() for a in accs[1:])]
                 continue
             if _sharded.is_dtensor(g):
                 u, maxima = _sharded.sm3_block_sharded(g, accs, beta, eps, reducer, path=path)

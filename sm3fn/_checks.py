@@ -302,3 +302,21 @@ def check_in_place_step(
         if t.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"{_named(name)} has dtype {t.dtype}; sm3fn keeps statistics in {_SUPPORTED_NAMES}")
         check_no_self_overlap(name, t)
+
+
+def check_loaded_accumulator(where: str, t: torch.Tensor) -> None:
+    """A loaded SM3 accumulator holds maxima of sums (or averages) of squares: ``>= 0``, not NaN.
+
+    A negative or NaN one would turn the next step's ``nu`` (and the weight) NaN.
+    Read only where the values are concrete (not on ``meta``, not under tracing).
+    """
+    if t.numel() == 0 or not _is_concrete(t):
+        return
+    bad = torch.isnan(t) | (t < 0)
+    if bool(bad.any()):
+        first = t.detach()[bad][0].item()
+        raise ValueError(
+            f"{where} holds {first} (at {int(bad.sum())} entries); SM3 accumulators are >= 0 and not "
+            "NaN: the checkpoint is damaged, or was saved after a step on a NaN gradient "
+            "(skip_nonfinite=True / sm3fn.apply_if_finite drop such steps)"
+        )

@@ -328,3 +328,58 @@ def test_sparse_updates_share_no_memory_either():
         _, new_state = tx.update({"emb": g}, state, params)
         assert not _storages(state) & _storages(new_state)
         state = new_state
+
+
+# -- item 7: checkpoints with impossible values are refused ------------------------------
+
+
+def _stepped(opt_factory):
+    model = _model()
+    opt = opt_factory(model.parameters())
+    opt.step()
+    return model, opt
+
+
+@pytest.mark.parametrize("make_opt,key", [
+    (lambda ps: SM3(ps, lr=0.1), "accumulator_1"),
+    (lambda ps: FunctionalOptimizer(ps, lambda lr: sm3fn.sm3(lr), lr=0.1), "sm3.*.accumulator_1"),
+])
+@pytest.mark.parametrize("bad", ["negative", "nan", "expanded"])
+def test_load_state_dict_refuses_impossible_accumulators(make_opt, key, bad):
+    model, opt = _stepped(make_opt)
+    saved = opt.state_dict()
+    state = {i: dict(s) for i, s in saved["state"].items()}
+    a = state[2][key]  # the second Linear's weight, shape (2, 3)
+    state[2][key] = {"negative": -a - 1, "nan": a.clone().fill_(float("nan")),
+                     "expanded": a[..., :1].expand(a.shape)}[bad]
+    snap = _snapshot(model, opt)
+    fresh = make_opt(model.parameters())
+    with pytest.raises(ValueError, match=rf"parameter 2.*{key.replace('*', '[*]')}"):
+        fresh.load_state_dict(dict(saved, state=state))
+    assert not fresh.state  # nothing half-loaded
+    with pytest.raises(ValueError, match=r"parameter 2"):
+        opt.load_state_dict(dict(saved, state=state))
+    _assert_unchanged(model, opt, snap)
+
+
+def test_loaded_state_is_a_copy_of_the_state_dict():
+    model, opt = _stepped(lambda ps: SM3(ps, lr=0.1, momentum=0.9))
+    saved = {"state": {i: {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in s.items()}
+                       for i, s in opt.state_dict()["state"].items()},
+             "param_groups": opt.state_dict()["param_groups"]}
+    kept = {i: {k: v.clone() for k, v in s.items()} for i, s in saved["state"].items()}
+    opt.load_state_dict(saved)
+    model(torch.randn(5, 4)).square().sum().backward()
+    opt.step()
+    for i, s in saved["state"].items():
+        for k, v in s.items():
+            assert torch.equal(v, kept[i][k])
+
+
+def test_torch_sm3_row_cover_with_a_nan_is_refused():
+    emb = torch.nn.Embedding(5, 3, sparse=True)
+    opt = SM3(emb.parameters(), lr=0.1)
+    saved = {"state": {0: {"step": 1, "accumulator_0": torch.tensor([0.0, 1.0, float("nan"), 2.0, 0.5])}},
+             "param_groups": opt.state_dict()["param_groups"]}
+    with pytest.raises(ValueError, match=r"parameter 0.*'accumulator_0'.*nan"):
+        opt.load_state_dict(saved)

@@ -364,7 +364,8 @@ class SM3(FunctionalOptimizer):
                     f"{tuple(buffer.shape)}, expected {tuple(p.shape)}"
                 )
             dtype = _checks.statistics_dtype(p.dtype, self.momentum_dtype)
-            buffer = buffer.to(device=p.device, dtype=dtype)
+            buffer = self._load_tensor(f"{name}: loaded state[{MOMENTUM_BUFFER!r}]", MOMENTUM_BUFFER, buffer,
+                                       p.device, dtype)
         elif buffer is not None and not (isinstance(buffer, numbers.Real) and buffer == 0):
             # torch-SM3's placeholder before momentum is used is the float 0.
             raise ValueError(
@@ -396,4 +397,5 @@ class SM3(FunctionalOptimizer):
             )
         keepdim = (p.shape[0],) + (1,) * (p.dim() - 1)
         dtype = _checks.statistics_dtype(p.dtype, self.accumulator_dtype)
-        return {f"{ACCUMULATOR}0": acc.reshape(keepdim).to(device=p.device, dtype=dtype).clone()}
+        key = f"{ACCUMULATOR}0"
+        return {key: self._load_tensor(f"{name}: loaded state[{key!r}]", key, acc, p.device, dtype).reshape(keepdim)}

@@ -383,3 +383,98 @@ def test_torch_sm3_row_cover_with_a_nan_is_refused():
              "param_groups": opt.state_dict()["param_groups"]}
     with pytest.raises(ValueError, match=r"parameter 0.*'accumulator_0'.*nan"):
         opt.load_state_dict(saved)
+
+
+# -- item 8 and issue 13 item 4: private PyTorch APIs behind fallbacks -------------------
+
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import warnings  # noqa: E402
+
+from sm3fn._kernels import fused_cpu  # noqa: E402
+
+
+def _fresh_fused(monkeypatch):
+    """The fused kernel as in a new process: nothing built, nothing given up."""
+    monkeypatch.setattr(fused_cpu, "_kernels", {})
+    monkeypatch.setattr(fused_cpu, "unavailable", None)
+
+
+def _one_step(fused):
+    torch.manual_seed(1)
+    w = torch.nn.Parameter(torch.randn(5, 4))
+    b = torch.nn.Parameter(torch.randn(4))
+    w.grad, b.grad = torch.randn(5, 4), torch.randn(4)
+    SM3([w, b], lr=0.1, momentum=0.9, fused=fused).step()
+    return w.detach(), b.detach()
+
+
+def test_missing_inductor_code_cache_falls_back_with_one_warning(monkeypatch):
+    want = _one_step(fused=False)
+    _fresh_fused(monkeypatch)
+    monkeypatch.setitem(sys.modules, "torch._inductor.codecache", None)  # import raises ImportError
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = _one_step(fused=None)
+        again = _one_step(fused=None)
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == 1 and "codecache" in messages[0], messages
+    for g, a, w in zip(got, again, want):
+        assert torch.equal(g, w) and torch.equal(a, w)
+
+
+def test_missing_inductor_code_cache_with_fused_true_raises_before_writing(monkeypatch):
+    _fresh_fused(monkeypatch)
+    monkeypatch.setitem(sys.modules, "torch._inductor.codecache", None)
+    w = torch.nn.Parameter(torch.randn(5, 4))
+    w.grad = torch.randn(5, 4)
+    before = w.detach().clone()
+    with pytest.raises(fused_cpu.BuildError, match="fused=False"):
+        SM3([w], lr=0.1, fused=True).step()
+    assert torch.equal(w.detach(), before)
+
+
+def test_checks_work_without_the_private_functorch_probe(monkeypatch):
+    """Another torch without torch._C._functorch.is_functorch_wrapped_tensor: eager values
+    are still checked, and vmap-ped ones are still left alone (no crash)."""
+    monkeypatch.delattr(torch._C._functorch, "is_functorch_wrapped_tensor")
+    lr = torch.tensor(0.5)
+    tx = sm3fn.sm3(lr)
+    params, grads = _pure_setup()
+    state = tx.init(params)
+    lr.fill_(-1.0)
+    with pytest.raises(ValueError, match=r"learning_rate.*-1\.0"):
+        tx.update(grads, state, params)
+
+    def one(lr):
+        t = sm3fn.sm3(lr)
+        return t.update(grads, t.init(params), params)[0]["w"]
+
+    out = torch.func.vmap(one)(torch.tensor([0.1, 0.3]))
+    torch.testing.assert_close(out[1], 3 * out[0])
+
+
+def test_unwritable_inductor_cache_after_import_falls_back_with_one_warning(tmp_path):
+    """TORCHINDUCTOR_CACHE_DIR that cannot be created: once tensordict is imported (its own
+    import needs the directory: see docs), sm3fn's fused kernel falls back, with one warning."""
+    script = (
+        "import os, warnings, torch, tensordict\n"
+        "os.environ['TORCHINDUCTOR_CACHE_DIR'] = '/proc/nonexistent/sm3fn-cache'\n"
+        "import sm3fn\n"
+        "from sm3fn.optim import SM3\n"
+        "warnings.simplefilter('always')\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    for fused in (None, None, False):\n"
+        "        torch.manual_seed(0)\n"
+        "        p = torch.nn.Parameter(torch.randn(3, 4)); p.grad = torch.randn(3, 4)\n"
+        "        SM3([p], lr=0.1, fused=fused).step()\n"
+        "        print(p.detach().sum().item())\n"
+        "print(sum(issubclass(w.category, RuntimeWarning) for w in caught))\n"
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
+                         timeout=600, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.split()
+    assert lines[0] == lines[1] == lines[2] and lines[3] == "1", out.stdout

@@ -412,8 +412,6 @@ def _kernel(param_dtype: torch.dtype, dtype: torch.dtype, k: int, momentum: floa
         with _lock:
             kernel = _kernels.get(key)
             if kernel is None:
-                from torch._inductor.codecache import CppPythonBindingsCodeCache
-
                 pointers = ["const param_t*", "param_t*", "scalar_t*"]  # g, p, momentum
                 if key[2] <= 1:
                     argtypes = pointers + ["scalar_t*", "const double*", "const int64_t", "const int64_t"]
@@ -421,6 +419,10 @@ def _kernel(param_dtype: torch.dtype, dtype: torch.dtype, k: int, momentum: floa
                     argtypes = (pointers + ["scalar_t*"] * k + ["const double*"]
                                 + ["const int64_t"] * (k + 1) + ["scalar_t*"])
                 try:
+                    # private: imported here, inside the guard, so that another torch version
+                    # without it (or an unwritable TORCHINDUCTOR_CACHE_DIR) means the blocked path
+                    from torch._inductor.codecache import CppPythonBindingsCodeCache
+
                     kernel = CppPythonBindingsCodeCache.load_pybinding(argtypes, source(*key))
                 except Exception as e:  # no compiler, or one that fails: say what to do
                     raise BuildError(

@@ -305,15 +305,15 @@ def check_in_place_step(
     element once.  So a step that raises moves nothing, on every kernel.
     (Callers also run :func:`check_no_aliasing` over all the parameters they step.)
     """
+    for name, t in named_state:
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{_named(name)} has dtype {t.dtype}; sm3fn keeps statistics in {_SUPPORTED_NAMES}")
+        check_no_self_overlap(name, t)
     for (name, p), stats in zip(named_params, statistics):
         if p.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"{_named(name)} has dtype {p.dtype}; sm3fn optimizes real floating-point tensors "
                             f"only ({_SUPPORTED_NAMES})")
         check_step_values(name, lr, eps, stats)
-    for name, t in named_state:
-        if t.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"{_named(name)} has dtype {t.dtype}; sm3fn keeps statistics in {_SUPPORTED_NAMES}")
-        check_no_self_overlap(name, t)
 
 
 def check_loaded_accumulator(where: str, t: torch.Tensor) -> None:

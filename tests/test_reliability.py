@@ -324,7 +324,8 @@ def test_sparse_updates_share_no_memory_either():
     params = {"emb": torch.randn(6, 3)}
     state = tx.init(params)
     for rows in ([1, 4], []):  # touched rows, then none
-        g = torch.sparse_coo_tensor(torch.tensor([rows], dtype=torch.int64), torch.ones(len(rows), 3), (6, 3))
+        g = torch.sparse_coo_tensor(torch.tensor([rows], dtype=torch.int64), torch.ones(len(rows), 3), (6, 3),
+                                    check_invariants=True)
         _, new_state = tx.update({"emb": g}, state, params)
         assert not _storages(state) & _storages(new_state)
         state = new_state
@@ -374,6 +375,23 @@ def test_loaded_state_is_a_copy_of_the_state_dict():
     for i, s in saved["state"].items():
         for k, v in s.items():
             assert torch.equal(v, kept[i][k])
+
+
+@pytest.mark.parametrize("edit,error,pattern", [
+    (lambda a: a[:1].expand(a.shape), ValueError, r"state\['sm3'\]\['w'\]\['accumulator_0'\].*share memory"),
+    (lambda a: a.to(torch.float8_e4m3fn), TypeError, r"state\['sm3'\]\['w'\]\['accumulator_0'\].*float8"),
+])
+def test_sm3_update_refuses_state_it_cannot_write(edit, error, pattern):
+    params, grads = _pure_setup()
+    tx = sm3fn.sm3(0.1, momentum=0.9)
+    _, state = tx.update(grads, tx.init(params), params)
+    state["sm3", "w", "accumulator_0"] = edit(state["sm3", "w", "accumulator_0"])
+    before_p, before_s = {k: v.clone() for k, v in params.items()}, state.clone()
+    with pytest.raises(error, match=pattern):
+        sm3fn.sm3_update_(params, grads, state, learning_rate=0.1, momentum=0.9)
+    assert all(torch.equal(params[k], before_p[k]) for k in params)
+    for key, t in state.items(True, True):
+        assert torch.equal(t.float(), before_s[key].float())
 
 
 def test_torch_sm3_row_cover_with_a_nan_is_refused():

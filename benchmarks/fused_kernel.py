@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from sm3fn._kernels.blocked import sm3_apply_
+from sm3fn._kernels import sm3_step_
 from sm3fn._sm3_math import init_accumulators
 from sm3fn.benchmark import machine
 
@@ -41,8 +41,8 @@ def bench(shape, dtype: torch.dtype, repeats: int) -> dict:
     adam = torch.optim.Adam([adam_p], lr=1e-6, fused=True)
 
     def sm3(fused):
-        return lambda: sm3_apply_([p], [g], [accs], [None], lr=1e-6, momentum=0.0, beta=0.0, eps=1e-30,
-                                  fused=fused)
+        return lambda: sm3_step_([p], [g], [accs], [None], lr=1e-6, momentum=0.0, beta=0.0, eps=1e-30,
+                                 fused=fused)
 
     steps = {"SM3 fused": sm3(True), "SM3 blocked": sm3(False), "Adam fused": adam.step}
     for step in steps.values():  # warm-up: state, kernel build

@@ -45,6 +45,19 @@ def _is_traced(t: torch.Tensor) -> bool:
     return False
 
 
+def functorch_transform_active() -> bool:
+    """Whether a ``torch.func`` transform (``vmap``, ``grad``, ...) is running.
+
+    Asked through a private PyTorch name; where another torch version lacks it
+    (or changed it) the answer is True, so callers take the differentiable
+    path, which is right under any transform (only slower outside one).
+    """
+    try:
+        return torch._C._functorch.peek_interpreter_stack() is not None
+    except Exception:  # noqa: BLE001 - a private API moved: assume a transform
+        return True
+
+
 def check_scalar(
     name: str,
     value: Any,

@@ -496,3 +496,16 @@ def test_unwritable_inductor_cache_after_import_falls_back_with_one_warning(tmp_
     assert out.returncode == 0, out.stderr[-2000:]
     lines = out.stdout.split()
     assert lines[0] == lines[1] == lines[2] and lines[3] == "1", out.stdout
+
+
+def test_pure_step_without_the_private_interpreter_probe_takes_the_differentiable_path(monkeypatch):
+    """Another torch without torch._C._functorch.peek_interpreter_stack: the pure update still
+    runs (through the differentiable math) and agrees with the float64 reference."""
+    monkeypatch.delattr(torch._C._functorch, "peek_interpreter_stack")
+    params, grads = _pure_setup()
+    tx = sm3fn.sm3(0.1)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    for k in params:
+        ref = ReferenceSM3(params[k].numpy(), lr=0.1)
+        ref.step(grads[k].numpy())
+        torch.testing.assert_close(params[k] + updates[k], torch.from_numpy(ref.p).float())

@@ -2,7 +2,7 @@
 
 It is :class:`FunctionalOptimizer` around :func:`sm3fn.sm3`: ``tx.init``
 makes the state, which is stored under torch-SM3's names, and the step runs
-the in-place fast path :func:`sm3fn._kernels.blocked.sm3_apply_` (the same equations
+the in-place step of the dispatcher :func:`sm3fn._kernels.sm3_step_` (the same equations
 as ``tx.update``, from :mod:`sm3fn._sm3_math`, without full-size temporaries).
 
 Per-parameter state, as in torch-SM3 (so its checkpoints load here):
@@ -28,7 +28,7 @@ import torch
 
 from sm3fn import _checks
 from sm3fn._kernels import sharded as _sharded, sparse as _sparse
-from sm3fn._kernels.blocked import check_kernel_choice
+from sm3fn._kernels import check_kernel_choice, sm3_step_
 from sm3fn.alias import sm3 as sm3_tx
 from sm3fn.optim.functional import PARAM, FunctionalOptimizer, Template, param_key
 from sm3fn.optim.functional import _describe as _describe_value
@@ -217,19 +217,15 @@ class SM3(FunctionalOptimizer):
                     "no sparse dimension; pass it dense"
                 )
 
-    def _sparse_step_(self, group: Mapping[str, Any], params: list, index: Mapping[int, int]) -> None:
-        """One SM3 step, in place, on the parameters of ``group`` whose gradient is sparse:
-        the touched rows only, no momentum.  A first sparse gradient makes the row accumulator
-        only (``n_1`` numbers); an existing state uses its ``accumulator_0``."""
+    def _row_state(self, params: list) -> None:
+        """A first sparse gradient makes the row accumulator only (``n_1`` numbers); an existing
+        state keeps its ``accumulator_0`` (and the rest, which sparse steps leave alone)."""
         for p in params:
             state = self.state[p]
             if f"{ACCUMULATOR}0" not in state:
                 dtype = _checks.statistics_dtype(p.dtype, self.accumulator_dtype)
                 state[f"{ACCUMULATOR}0"] = _sparse.row_accumulator(p.detach(), dtype)
             state.setdefault(STEP, torch.zeros((), dtype=torch.int64))
-            _sparse.sparse_apply_(p, p.grad, state[f"{ACCUMULATOR}0"],
-                                  lr=group["lr"], beta=group["beta"], eps=group["eps"])
-            state[STEP] += 1
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None):
@@ -298,16 +294,18 @@ class SM3(FunctionalOptimizer):
                     if not isinstance(state.get(name), torch.Tensor):
                         state[name] = value
                 state.setdefault(STEP, torch.zeros((), dtype=torch.int64))
-        # 3. the in-place step
+        # 3. the in-place step, through the one dispatcher (sparse, DTensor, fused, blocked)
         for group, params, sparse in work:
+            self._row_state(sparse)
             momentum = group["momentum"]
-            states = [self.state[p] for p in params]
-            _sharded.sm3_apply_any_(  # DTensors (FSDP2): local shards + one all_reduce
-                params,
-                [p.grad for p in params],
-                [_accumulators(s, p) for s, p in zip(states, params)],
-                [s[MOMENTUM_BUFFER] if momentum > 0 and not _row_cover(s, p) else None
-                 for s, p in zip(states, params)],
+            stepped = params + sparse
+            states = [self.state[p] for p in stepped]
+            sm3_step_(
+                stepped,
+                [p.grad for p in stepped],
+                [_accumulators(s, p) for s, p in zip(states, stepped)],
+                [s[MOMENTUM_BUFFER] if momentum > 0 and not p.grad.is_sparse and not _row_cover(s, p)
+                 else None for s, p in zip(states, stepped)],
                 lr=group["lr"],
                 momentum=momentum,
                 beta=group["beta"],
@@ -317,8 +315,6 @@ class SM3(FunctionalOptimizer):
             )
             for s in states:
                 s[STEP] += 1
-            if sparse:
-                self._sparse_step_(group, sparse, index)
         return loss
 
     # -- checkpoints -------------------------------------------------------------------

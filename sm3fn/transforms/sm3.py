@@ -8,7 +8,8 @@ import torch
 
 from sm3fn import _checks, _tree
 from sm3fn._kernels import sharded as _sharded, sparse as _sparse
-from sm3fn._sm3_math import init_accumulators, param_shape, sm3_block
+from sm3fn._kernels import sm3_step
+from sm3fn._sm3_math import init_accumulators, param_shape
 from sm3fn.base import GradientTransformation, OptState, Tree
 
 ACCUMULATOR = "accumulator_{}"
@@ -134,27 +135,13 @@ def scale_by_sm3(
                 )
                 check_grad(path, g, accs_by_path[path])
 
-        # DTensors: local maxima of all parameters are all-reduced together, after the loop
-        reducer = _sharded.MaxReducer()
-        new_updates, new_accs = {}, {}
-        for path, g in grads.items():
-            accs = accs_by_path[path]
-            # a pure update shares no memory with its input state: an in-place step
-            # (sm3_update_) on the new state must not change a snapshot of the old one
-            if g is None:  # frozen: no update, state kept (as a copy, its own size)
-                new_updates[path], new_accs[path] = None, [a.clone() for a in accs]
-                continue
-            if _sparse.is_sparse(g):
-                new_updates[path], a0 = _sparse.sparse_update(g, accs[0], beta, eps)
-                new_accs[path] = [a0, *(a.clone() for a in accs[1:])]
-                continue
-            if _sharded.is_dtensor(g):
-                u, maxima = _sharded.sm3_block_sharded(g, accs, beta, eps, reducer, path=path)
-            else:
-                u, maxima = sm3_block(g.to(accs[0].dtype), accs, beta, eps)
-            new_updates[path] = u.to(g.dtype)
-            new_accs[path] = list(maxima[: len(accs)])  # a row-cover state keeps its one
-        reducer.flush()
+        live = list(grads)
+        new_updates, new_accs, _ = sm3_step(
+            [grads[path] for path in live], [accs_by_path[path] for path in live],
+            beta=beta, eps=eps, paths=live,
+        )
+        new_updates = dict(zip(live, new_updates))
+        new_accs = dict(zip(live, new_accs))
         return _tree.unflatten_like(updates, new_updates), accumulator_state(new_accs)
 
     return GradientTransformation(init, update)

@@ -7,8 +7,9 @@ from typing import Optional
 import torch
 
 from sm3fn import _checks, _tree
-from sm3fn._kernels import sharded as _sharded, sparse as _sparse
+from sm3fn._kernels import sharded as _sharded
 from sm3fn._kernels import sm3_step
+from sm3fn._kernels import sparse as _sparse
 from sm3fn._sm3_math import init_accumulators, param_shape
 from sm3fn.base import GradientTransformation, OptState, Tree
 
@@ -18,8 +19,7 @@ ACCUMULATOR = "accumulator_{}"
 def accumulators_by_param(state: OptState) -> dict[_tree.Path, list[torch.Tensor]]:
     """``state`` of :func:`scale_by_sm3` as ``{param path: [a_0, ..., a_{k-1}]}``."""
     found: dict[_tree.Path, dict[int, torch.Tensor]] = {}
-    for key, value in state.items(include_nested=True, leaves_only=True):
-        key = (key,) if isinstance(key, str) else tuple(key)
+    for key, value in _tree.td_leaves(state):
         name = key[-1]
         if len(key) < 2 or not name.startswith("accumulator_"):
             raise ValueError(f"scale_by_sm3 state has an unexpected entry {_tree.fmt(key)}")
@@ -116,7 +116,7 @@ def scale_by_sm3(
                 per_param[path] = list(init_accumulators(p, dtype))
         return accumulator_state(per_param)
 
-    def update(updates: Tree, state: OptState, params: Optional[Tree] = None):
+    def update(updates: Tree, state: OptState, params: Optional[Tree] = None) -> tuple[Tree, OptState]:
         # a tensor beta may have been changed in place since the factory checked it
         _checks.check_scalar("beta", beta, 0.0, 1.0)
         accs_by_path = accumulators_by_param(state)

@@ -187,10 +187,10 @@ def check_step_values(where: Name, lr: Any, eps: float, statistics: torch.dtype)
 def _byte_extent(t: torch.Tensor) -> tuple[int, int]:
     """``[first, last + 1)``: the bytes of ``t``'s storage its elements lie in (``numel > 0``)."""
     size = t.element_size()
-    start = t.storage_offset() * size
+    start = int(t.storage_offset()) * size
     if t.is_contiguous():  # the usual case, without a Python loop over the dims
-        return start, start + t.numel() * size
-    span = sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+        return start, start + int(t.numel()) * size
+    span = sum((int(n) - 1) * int(s) for n, s in zip(t.shape, t.stride()))
     return start, start + (span + 1) * size
 
 

@@ -2,12 +2,19 @@
 parameters, tensor hyperparameters re-checked, states that share nothing, checkpoints
 with impossible values refused, and private PyTorch APIs behind fallbacks."""
 
+import os
+import subprocess
+import sys
+import warnings
+
 import pytest
 import torch
+from reference import ReferenceSM3
 
 import sm3fn
+from sm3fn._kernels import fused_cpu
+from sm3fn.benchmark import step_peak_bytes
 from sm3fn.optim import SM3, FunctionalOptimizer
-from reference import ReferenceSM3
 
 KERNELS = [None, True, False]  # fused=None (default), the fused kernel, the blocked path
 
@@ -220,7 +227,6 @@ def test_tensor_hyperparameters_are_not_read_under_vmap():
 
 # -- item 3: state made at its own size --------------------------------------------------
 
-from sm3fn.benchmark import step_peak_bytes  # noqa: E402
 
 
 def _state_bytes(tensors):
@@ -238,7 +244,7 @@ def test_init_allocates_only_the_state():
     peak = step_peak_bytes(lambda: tx.init(params))
     state_bytes = _state_bytes(state.values(True, True))
     assert peak <= state_bytes + 4096, (peak, state_bytes)
-    for key, a in state.items(True, True):  # zeros, at the documented shapes
+    for a in state.values(True, True):  # zeros, at the documented shapes
         assert a.dtype == torch.float32 and not a.any()
     assert state["sm3", "w", "accumulator_1"].shape == (1, 1024)
     assert state["sm3", "cube", "accumulator_1"].shape == (1, 32, 1)
@@ -405,12 +411,7 @@ def test_torch_sm3_row_cover_with_a_nan_is_refused():
 
 # -- item 8 and issue 13 item 4: private PyTorch APIs behind fallbacks -------------------
 
-import os  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import warnings  # noqa: E402
 
-from sm3fn._kernels import fused_cpu  # noqa: E402
 
 
 def _fresh_fused(monkeypatch):

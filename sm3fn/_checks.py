@@ -329,19 +329,23 @@ def check_in_place_step(
         check_step_values(name, lr, eps, stats)
 
 
-def check_loaded_accumulator(where: str, t: torch.Tensor) -> None:
-    """A loaded SM3 accumulator holds maxima of sums (or averages) of squares: ``>= 0``, not NaN.
+def check_loaded_accumulator(where: str, t: torch.Tensor, nonnegative: bool = True) -> None:
+    """A loaded SM3 accumulator holds maxima of sums (or averages) of squares: ``>= 0``, not NaN
+    (``nonnegative=False``: a momentum buffer, which may be negative but not NaN).
 
     A negative or NaN one would turn the next step's ``nu`` (and the weight) NaN.
     Read only where the values are concrete (not on ``meta``, not under tracing).
     """
     if t.numel() == 0 or not _is_concrete(t):
         return
-    bad = torch.isnan(t) | (t < 0)
+    bad = torch.isnan(t)
+    if nonnegative:
+        bad |= t < 0
     if bool(bad.any()):
         first = t.detach()[bad][0].item()
+        what = "SM3 accumulators are >= 0 and not NaN" if nonnegative else "momentum buffers are not NaN"
         raise ValueError(
-            f"{where} holds {first} (at {int(bad.sum())} entries); SM3 accumulators are >= 0 and not "
-            "NaN: the checkpoint is damaged, or was saved after a step on a NaN gradient "
-            "(skip_nonfinite=True / sm3fn.apply_if_finite drop such steps)"
+            f"{where} holds {first} (at {int(bad.sum())} entries); {what}: the checkpoint is damaged, "
+            "or was saved after a step on a NaN gradient (skip_nonfinite=True / sm3fn.apply_if_finite "
+            "drop such steps)"
         )

@@ -228,6 +228,8 @@ CASES = [
     Case("SM3 load of an expanded accumulator",
          bad_optimizer(_load_edited("accumulator_0", lambda a: a[:1].expand(a.shape))),
          ValueError, r"parameter 0.*'accumulator_0'.*share memory.*stride \(0, "),
+    Case("SM3 load of a NaN momentum buffer", bad_optimizer(_load_edited("momentum_buffer", lambda m: m / 0 * 0)),
+         ValueError, r"parameter 0.*'momentum_buffer'.*nan"),
     Case("SM3 load of an expanded momentum buffer",
          bad_optimizer(_load_edited("momentum_buffer", lambda m: m[:1].expand(m.shape))),
          ValueError, r"parameter 0.*'momentum_buffer'.*share memory"),

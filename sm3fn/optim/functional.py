@@ -317,6 +317,8 @@ class FunctionalOptimizer(torch.optim.Optimizer):
         template = self._state_template(key)
         if template and template[-1].startswith("accumulator_"):
             _checks.check_loaded_accumulator(where, value)
+        elif template and template[0] == "momentum":  # sm3fn.sm3's momentum stage (ema)
+            _checks.check_loaded_accumulator(where, value, nonnegative=False)
         return value.to(device=device, dtype=dtype, copy=True)
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:

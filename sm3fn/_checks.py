@@ -184,10 +184,14 @@ def check_step_values(where: Name, lr: Any, eps: float, statistics: torch.dtype)
 # -- memory: aliased parameters, self-overlapping state -------------------------------------
 
 
-def _byte_extent(t: torch.Tensor) -> tuple[int, int]:
-    """``[first, last + 1)``: the bytes of ``t``'s storage its elements lie in (``numel > 0``)."""
+def _address_range(t: torch.Tensor) -> tuple[int, int]:
+    """``[first, last + 1)``: the addresses of the bytes ``t``'s elements lie in (``numel > 0``).
+
+    Absolute addresses (``data_ptr`` is the first element's), so tensors of
+    different storages compare as well as views of one.
+    """
+    start = int(t.data_ptr())
     size = t.element_size()
-    start = int(t.storage_offset()) * size
     if t.is_contiguous():  # the usual case, without a Python loop over the dims
         return start, start + int(t.numel()) * size
     span = sum((int(n) - 1) * int(s) for n, s in zip(t.shape, t.stride()))
@@ -195,7 +199,7 @@ def _byte_extent(t: torch.Tensor) -> tuple[int, int]:
 
 
 def _is_dense(t: torch.Tensor) -> bool:
-    """Whether ``t``'s elements fill its extent, each byte once (contiguous in some dim order)."""
+    """Whether ``t``'s elements fill its range, each byte once (contiguous in some dim order)."""
     if t.is_contiguous():
         return True
     span = sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
@@ -203,10 +207,10 @@ def _is_dense(t: torch.Tensor) -> bool:
 
 
 def _share_elements(a: torch.Tensor, b: torch.Tensor, lo: int, hi: int) -> bool:
-    """Whether ``a`` and ``b`` (one storage, extents meeting in ``[lo, hi)``) share a byte.
+    """Whether ``a`` and ``b`` (address ranges meeting, together within ``[lo, hi)``) share a byte.
 
-    Dense tensors whose extents meet do; strided views with gaps (two columns
-    of one matrix) are compared byte by byte on a CPU mask of the joint extent.
+    Dense tensors whose ranges meet do; strided views with gaps (two columns
+    of one matrix) are compared byte by byte on a CPU mask of the joint range.
     """
     if _is_dense(a) and _is_dense(b):
         return True
@@ -215,7 +219,7 @@ def _share_elements(a: torch.Tensor, b: torch.Tensor, lo: int, hi: int) -> bool:
     def cover(t: torch.Tensor) -> torch.Tensor:
         size = t.element_size()
         return mask.as_strided(tuple(t.shape) + (size,), tuple(s * size for s in t.stride()) + (1,),
-                               t.storage_offset() * size - lo)
+                               t.data_ptr() - lo)
 
     cover(a).fill_(True)
     return bool(cover(b).any())
@@ -224,8 +228,8 @@ def _share_elements(a: torch.Tensor, b: torch.Tensor, lo: int, hi: int) -> bool:
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
-def _storage_span(t: torch.Tensor) -> Optional[tuple[int, int, int, torch.Tensor]]:
-    """``(storage address, first byte, end byte, tensor)`` of the memory ``t`` writes (a
+def _memory_span(t: torch.Tensor) -> Optional[tuple[torch.device, int, int, torch.Tensor]]:
+    """``(device, first address, end address, tensor)`` of the memory ``t`` writes (a
     DTensor's local shard), or None where there is none to compare (meta, sparse, empty,
     or a tensor without storage: a functorch wrapper, a fake tensor)."""
     if type(t) not in _PLAIN and hasattr(t, "to_local"):
@@ -233,10 +237,10 @@ def _storage_span(t: torch.Tensor) -> Optional[tuple[int, int, int, torch.Tensor
     if t.numel() == 0 or t.layout != torch.strided or t.is_meta:
         return None
     try:
-        ptr = t.untyped_storage().data_ptr()
+        start, end = _address_range(t)
     except Exception:  # noqa: BLE001 - no storage to read: nothing to compare
         return None
-    return (ptr, *_byte_extent(t), t)
+    return t.device, start, end, t
 
 
 def check_no_aliasing(named: Sequence[tuple[Name, torch.Tensor]], what: str = "parameters") -> None:
@@ -248,22 +252,22 @@ def check_no_aliasing(named: Sequence[tuple[Name, torch.Tensor]], what: str = "p
     ``ValueError`` naming both.  One ``nn.Parameter`` used twice in a model
     (tied weights) appears once in ``model.parameters()`` and is unaffected.
     ``named``: ``(name, tensor)`` pairs.  Skipped under ``torch.compile``.
-    Cost: a few microseconds per tensor (sorted by address; only tensors whose
-    byte ranges meet are compared).
+    Cost: about a microsecond per tensor (address ranges, sorted; only
+    tensors whose ranges meet are compared further).
     """
     if torch.compiler.is_compiling():
         return
     spans = []
     for name, t in named:
-        span = _storage_span(t)
+        span = _memory_span(t)
         if span is not None:
             spans.append((span, name))
-    spans.sort(key=lambda s: s[0][:2])
-    for i, ((ptr, start, end, view), name) in enumerate(spans):
-        for (other_ptr, other_start, other_end, other), other_name in spans[i + 1:]:
-            if other_ptr != ptr or other_start >= end:
+    spans.sort(key=lambda s: s[0][1])
+    for i, ((device, start, end, view), name) in enumerate(spans):
+        for (other_device, other_start, other_end, other), other_name in spans[i + 1:]:
+            if other_start >= end:
                 break
-            if other.device == view.device and _share_elements(view, other, start, max(end, other_end)):
+            if other_device == device and _share_elements(view, other, start, max(end, other_end)):
                 raise ValueError(
                     f"{_named(name)} and {_named(other_name)} share memory (one storage, overlapping "
                     f"elements); sm3fn steps {what} in place and refuses aliased ones: pass each tensor "
@@ -322,10 +326,13 @@ def check_in_place_step(
         if t.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"{_named(name)} has dtype {t.dtype}; sm3fn keeps statistics in {_SUPPORTED_NAMES}")
         check_no_self_overlap(name, t)
+    first_of: dict[torch.dtype, Name] = {}  # lr and eps: checked once per statistics dtype
     for (name, p), stats in zip(named_params, statistics):
         if p.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"{_named(name)} has dtype {p.dtype}; sm3fn optimizes real floating-point tensors "
                             f"only ({_SUPPORTED_NAMES})")
+        first_of.setdefault(stats, name)
+    for stats, name in first_of.items():
         check_step_values(name, lr, eps, stats)
 
 

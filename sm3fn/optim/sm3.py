@@ -269,6 +269,17 @@ class SM3(FunctionalOptimizer):
         name = f" ({names[position]!r})" if names else ""
         return f"parameter {index}{name} of shape {tuple(p.shape)}"
 
+    def _namer(self, group: Mapping[str, Any], p: torch.Tensor, index: Mapping[int, int]) -> Callable[[], str]:
+        """:meth:`_describe_param`, deferred: it walks the group, so it runs only to raise."""
+        return lambda: self._describe_param(group, p, index[id(p)])
+
+    def _statistics_dtype(self, p: torch.Tensor) -> torch.dtype:
+        """The dtype ``p``'s accumulators are (or will be) kept in."""
+        acc = self.state.get(p, {}).get(f"{ACCUMULATOR}0")
+        if isinstance(acc, torch.Tensor):
+            return acc.dtype
+        return _checks.statistics_dtype(p.dtype, self.accumulator_dtype)
+
     # Sparse gradients (nn.Embedding(sparse=True)): the check runs with the dense
     # checks, before anything changes; the step runs after the dense step.
 
@@ -324,10 +335,11 @@ class SM3(FunctionalOptimizer):
                 g = p.grad
                 if g is None or p.numel() == 0:  # frozen, or nothing to update: skipped
                     continue
-                if not p.is_floating_point() or not g.is_floating_point():
+                if p.dtype not in _checks.SUPPORTED_DTYPES or g.dtype not in _checks.SUPPORTED_DTYPES:
                     raise TypeError(
                         f"{self._describe_param(group, p, index[id(p)])} has dtype {p.dtype} and gradient "
-                        f"dtype {g.dtype}; SM3 optimizes real floating-point tensors only"
+                        f"dtype {g.dtype}; SM3 optimizes real floating-point tensors only "
+                        f"({', '.join(map(str, _checks.SUPPORTED_DTYPES))})"
                     )
                 state = self.state.get(p, {})
                 _sharded.check_same_kind(  # the description is made only to raise: it walks the group
@@ -339,6 +351,12 @@ class SM3(FunctionalOptimizer):
                 self._check_sparse(group, sparse, index)
             if dense or sparse:
                 work.append((group, dense, sparse))
+                # lr and eps finite in each statistics dtype (a loaded state keeps its own)
+                _checks.check_in_place_step(
+                    [(self._namer(group, p, index), p) for p in dense + sparse],
+                    [self._statistics_dtype(p) for p in dense + sparse], group["lr"], group["eps"])
+        # no two stepped parameters share memory (across groups too)
+        _checks.check_no_aliasing([(self._namer(g, p, index), p) for g, d, s in work for p in d + s])
         # 1b. skip_nonfinite: a NaN/inf gradient anywhere drops the step before any state is made
         if self.skip_nonfinite and work:
             grads = [p.grad._values() if p.grad.is_sparse else p.grad for _, d, s in work for p in d + s]
@@ -440,7 +458,8 @@ class SM3(FunctionalOptimizer):
                     f"{tuple(buffer.shape)}, expected {tuple(p.shape)}"
                 )
             dtype = _checks.statistics_dtype(p.dtype, self.momentum_dtype)
-            buffer = buffer.to(device=p.device, dtype=dtype)
+            buffer = self._load_tensor(f"{name}: loaded state[{MOMENTUM_BUFFER!r}]", MOMENTUM_BUFFER, buffer,
+                                       p.device, dtype)
         elif buffer is not None and not (isinstance(buffer, numbers.Real) and buffer == 0):
             # torch-SM3's placeholder before momentum is used is the float 0.
             raise ValueError(
@@ -472,4 +491,5 @@ class SM3(FunctionalOptimizer):
             )
         keepdim = (p.shape[0],) + (1,) * (p.dim() - 1)
         dtype = _checks.statistics_dtype(p.dtype, self.accumulator_dtype)
-        return {f"{ACCUMULATOR}0": acc.reshape(keepdim).to(device=p.device, dtype=dtype).clone()}
+        key = f"{ACCUMULATOR}0"
+        return {key: self._load_tensor(f"{name}: loaded state[{key!r}]", key, acc, p.device, dtype).reshape(keepdim)}

@@ -41,6 +41,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from sm3fn._kernels import layout as _layout
 from sm3fn._sm3_math import cover_minimum, ema, precondition, saturate, second_moment
 
 #: statistics (accumulator and momentum) dtypes the kernel is generated for
@@ -401,7 +402,8 @@ def give_up(error: BuildError) -> None:
 def build(g: torch.Tensor, accs: Sequence[torch.Tensor], m: Optional[torch.Tensor],
           momentum: float, beta: float, eps: float):
     """The kernel that steps ``g``'s parameter, built (or taken from the caches) now."""
-    return _kernel(g.dtype, accs[0].dtype, g.dim(), momentum if m is not None else 0.0, beta, eps)
+    # every tensor of 2 or more dims is swept as a 2-D row problem (see sweep_)
+    return _kernel(g.dtype, accs[0].dtype, min(g.dim(), 2), momentum if m is not None else 0.0, beta, eps)
 
 
 def _kernel(param_dtype: torch.dtype, dtype: torch.dtype, k: int, momentum: float, beta: float, eps: float):
@@ -438,10 +440,14 @@ def supported(p: torch.Tensor, g: torch.Tensor, accs: Sequence[torch.Tensor],
               m: Optional[torch.Tensor]) -> bool:
     """Whether the kernel can step this parameter (else the blocked path does).
 
-    CPU, dense, contiguous; the gradient in the parameter's dtype; the
-    accumulators and momentum buffer in one statistics dtype: the parameter's
-    for float32/float64, float32 for bfloat16/float16 (see :data:`PARAMS`);
-    plain tensors only (no DTensor or other subclass).
+    CPU, dense: contiguous, or for 2+ dims any permutation of contiguous
+    (``channels_last``, a transpose; :func:`layout.physical_order`) with the
+    gradient and momentum buffer laid out as the parameter (else the blocked
+    path, which takes any strides, steps it); contiguous accumulators; the
+    gradient in the parameter's dtype; the accumulators and momentum buffer in
+    one statistics dtype: the parameter's for float32/float64, float32 for
+    bfloat16/float16 (see :data:`PARAMS`); plain tensors only (no DTensor or
+    other subclass).
     """
     stats = accs[0].dtype
     if p.dtype not in PARAMS or g.dtype != p.dtype:
@@ -449,9 +455,13 @@ def supported(p: torch.Tensor, g: torch.Tensor, accs: Sequence[torch.Tensor],
     if stats != (p.dtype if p.dtype in STATISTICS else torch.float32):
         return False
     for t in (p, g, *accs) if m is None else (p, g, *accs, m):
-        if (type(t) not in _PLAIN or t.device.type != "cpu"
-                or t.layout != torch.strided or not t.is_contiguous()):
+        if type(t) not in _PLAIN or t.device.type != "cpu" or t.layout != torch.strided:
             return False
+    if not all(a.is_contiguous() for a in accs):
+        return False
+    tensors = (p, g) if m is None else (p, g, m)
+    if not all(t.is_contiguous() for t in tensors) and (p.dim() <= 1 or not _layout.same_layout(*tensors)):
+        return False
     return all(t.dtype == stats for t in accs) and (m is None or m.dtype == stats)
 
 
@@ -464,13 +474,19 @@ def sweep_(kernel, p: torch.Tensor, g: torch.Tensor, accs: Sequence[torch.Tensor
     elements.
     """
     threads = 1 if g.numel() < _PARALLEL_MIN_ELEMENTS else torch.get_num_threads()
-    mom = m if m is not None else accs[0]  # never read or written without momentum
+    written = [p, *accs] if m is None else [p, *accs, m]
     if g.dim() <= 1:
-        kernel(g, p, mom, accs[0], lr, g.numel(), threads)
+        kernel(g, p, accs[0] if m is None else m, accs[0], lr, g.numel(), threads)
     else:
-        threads = max(1, min(threads, g.numel() // g.shape[-1]))
-        # the threads' running maxima: sum(shape) numbers each, SM3's own state size
-        running = torch.empty(threads * sum(g.shape), dtype=accs[0].dtype)
-        kernel(g, p, mom, *accs, lr, *g.shape, threads, running)
+        # any rank, any dense layout: rows x cols in memory order, trailing dims folded into tables
+        problem = _layout.row_problem(p, g, accs, m, threads)
+        p, g, m = problem.p, problem.g, problem.m
+        rows, cols = g.shape
+        threads = max(1, min(threads, rows))
+        # the threads' running maxima: rows + cols numbers each, a fraction of the parameter
+        running = torch.empty(threads * (rows + cols), dtype=accs[0].dtype)
+        mom = m if m is not None else problem.row_acc  # never read or written without momentum
+        kernel(g, p, mom, problem.row_acc, problem.col_acc, lr, rows, cols, threads, running)
+        problem.finish()
     # written through raw pointers: tell autograd, as an ATen in-place op would
-    torch.autograd.graph.increment_version([p, *accs] if m is None else [p, *accs, m])
+    torch.autograd.graph.increment_version(written)

@@ -1,0 +1,191 @@
+"""Any dense tensor, of any rank and any memory layout, as a 2-D row problem.
+
+A row kernel (:mod:`sm3fn._kernels.fused_cpu`'s 2-D sweep; the same shape of
+problem serves a GPU or an out-of-place kernel) steps a contiguous
+``rows x cols`` matrix with one accumulator per row and one per column:
+``nu = min(a_row, a_col) + g*g``, then ``a_row <- max over the row``,
+``a_col <- max over the column``.  SM3's cover for a tensor of ``k`` dims has
+one accumulator per dim.  :func:`row_problem` turns the second into the first:
+
+1. **Physical order.**  The dims are sorted by stride (outermost first), so
+   that the permuted view is contiguous: a ``channels_last`` conv weight
+   ``(out, in, kh, kw)`` is swept as ``(out, kh, kw, in)``, in the order its
+   bytes lie in memory.  Each physical dim keeps its own accumulator.  Any
+   permutation of a contiguous tensor qualifies (the gradient and momentum
+   buffer must share the parameter's layout; else the caller takes another
+   path: see :func:`row_problem`).
+2. **Split.**  The physical dims ``0..s-1`` become the rows and ``s..k-1`` the
+   columns (:func:`choose_split` picks ``s``).  A group of one dim uses its
+   accumulator itself.  A group of several dims is folded into a *table*:
+   ``cover_minimum`` of their accumulators, broadcast over the group and
+   flattened (for a conv weight's ``(in, kh, kw)`` that is ``in*kh*kw``
+   numbers, a fraction ``1/out`` of the weight).  ``min`` is exact, so the 2-D
+   kernel's ``min(a_row, table[j])`` equals the k-d cover minimum bit for bit.
+3. **Finish.**  After the sweep the kernel has written each table's new
+   maxima (saturated) over its own entries; :attr:`RowProblem.finish` reduces
+   them back to each accumulator of the group with ``cover_maxima`` (``amax``
+   over the group's other dims: exact, and saturation commutes with ``max``).
+   So the accumulators come out bit for bit as the blocked path's.
+
+Scratch: the tables, ``prod(row dims) + prod(column dims)`` numbers at most
+(the split keeps both far below the parameter's size), never a parameter-sized
+buffer.  Nothing here knows about a kernel: :func:`row_problem` returns 2-D
+views, the two accumulators (views or tables) and a ``finish`` to call after
+the kernel has run.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from sm3fn._sm3_math import cover_maxima, cover_minimum
+
+#: the row kernel's cost model (one thread, float32, AVX-512, from ``python -m
+#: sm3fn.benchmark_conv --splits``: ns per element of a (2^21 / cols, cols) sweep
+#: was 2.2 at 9 columns, 0.46 at 16, 0.27 at 64, 0.21-0.25 from 128 to 2048,
+#: 0.28 at 4096 and 0.4 beyond 8192): a fixed cost per row (the scalar row
+#: accumulator, the row's horizontal max, the loop) ...
+ROW_NS = 10.0
+#: ... a cost per vector of 16 lanes, full or not ...
+VECTOR_NS = 3.4
+#: ... and a slowdown once a thread's column arrays (the column accumulator and
+#: its running maxima, read and written once per row) leave L1, then L2
+CACHE_PENALTY = ((2048, 1.0), (4096, 1.3))
+FAR_PENALTY = 1.9
+
+
+@dataclass(frozen=True)
+class RowProblem:
+    """One tensor's step as a ``rows x cols`` problem (contiguous views of the caller's tensors).
+
+    ``row_acc`` (``rows`` numbers) and ``col_acc`` (``cols`` numbers) are
+    contiguous and 1-d: views of accumulators where a group is one dim
+    (written in place by the kernel), tables otherwise.  Call ``finish()``
+    once after the kernel has written them: it copies the tables' new maxima
+    into the accumulators (a no-op when there is no table).
+    """
+
+    p: torch.Tensor
+    g: torch.Tensor
+    m: Optional[torch.Tensor]
+    row_acc: torch.Tensor
+    col_acc: torch.Tensor
+    finish: Callable[[], None]
+
+
+def _nothing() -> None:
+    pass
+
+
+def physical_order(t: torch.Tensor) -> Optional[list[int]]:
+    """The dims of ``t``, outermost first, so that ``t.permute(order)`` is contiguous; None if none is.
+
+    ``t`` must be dense: a permutation of a contiguous tensor (``channels_last``,
+    ``channels_last_3d``, a transpose, ...).  Dims of size 1 have no meaningful
+    stride; they go where the sort puts them (``is_contiguous`` ignores them).
+    """
+    if t.is_contiguous():
+        return list(range(t.dim()))
+    # larger strides first; among equal strides (size-1 dims) the larger size first
+    order = sorted(range(t.dim()), key=lambda d: (-t.stride(d), -t.shape[d]))
+    return order if t.permute(order).is_contiguous() else None
+
+
+def same_layout(p: torch.Tensor, *others: torch.Tensor) -> bool:
+    """Whether ``p`` is dense (:func:`physical_order`) and ``others`` lie in memory exactly as it does."""
+    order = physical_order(p)
+    return order is not None and all(t.permute(order).is_contiguous() for t in others)
+
+
+def split_cost(rows: int, cols: int, threads: int = 1) -> float:
+    """The modelled time (ns) of a ``rows x cols`` row-kernel sweep on ``threads`` threads.
+
+    Per row: :data:`ROW_NS` plus :data:`VECTOR_NS` per vector of 16, times the
+    cache penalty of ``cols``; rows are split among the threads (fewer rows
+    than threads leave some idle).
+    """
+    per_row = ROW_NS + VECTOR_NS * -(-cols // 16)
+    penalty = FAR_PENALTY
+    for limit, factor in CACHE_PENALTY:
+        if cols <= limit:
+            penalty = factor
+            break
+    return per_row * penalty * -(-rows // max(1, threads))
+
+
+def choose_split(shape: Sequence[int], threads: int = 1) -> int:
+    """Where a physical shape (``k >= 2``) splits into rows ``shape[:s]`` and columns ``shape[s:]``.
+
+    The split of least :func:`split_cost`, the earliest among equals: long
+    rows (fewer row overheads, whole vectors) while the column arrays stay in
+    cache.  A conv weight ``(out, in, kh, kw)`` keeps ``s = 1`` (rows of
+    ``in*kh*kw``); a depthwise ``(C, 1, 3, 3)`` has rows of 9 whatever the
+    split (every row pays a masked vector: ~1.4x fused Adam's step there, see
+    docs/_incoming/conv.md); a ``(4, 512, 512)`` tensor splits at ``s = 2``
+    (rows of 512, not one row of 262144 whose column arrays leave the cache).
+    """
+    k = len(shape)
+    costs = [split_cost(math.prod(shape[:s]), math.prod(shape[s:]), threads) for s in range(1, k)]
+    return 1 + costs.index(min(costs))
+
+
+def _group_accumulator(accs: Sequence[torch.Tensor], dims: Sequence[int], shape: Sequence[int]):
+    """The accumulator the kernel reads for the physical ``dims`` (sizes ``shape``): a view or a table.
+
+    Returns ``(flat, finish)``: ``finish`` writes the table's new maxima back
+    into ``accs`` (None for a view, which the kernel writes itself).
+    """
+    if len(dims) == 1:
+        return accs[dims[0]].view(-1), None
+    group = [a.reshape([n if j == i else 1 for j, n in enumerate(shape)]) for i, a in enumerate(accs[d] for d in dims)]
+    table = cover_minimum(group).contiguous()  # broadcast over the group: prod(shape) numbers
+
+    def finish() -> None:
+        for d, new in zip(dims, cover_maxima(table.view(shape))):
+            accs[d].view(-1).copy_(new.view(-1))
+
+    return table.view(-1), finish
+
+
+def row_problem(
+    p: torch.Tensor,
+    g: torch.Tensor,
+    accs: Sequence[torch.Tensor],
+    m: Optional[torch.Tensor],
+    threads: int = 1,
+    split: Optional[int] = None,
+) -> Optional[RowProblem]:
+    """``p``, ``g``, ``m`` (same shape, ``k >= 2`` dims) and their keepdim accumulators as a row problem.
+
+    None if ``p`` is not dense (a permutation of a contiguous tensor), or if
+    ``g`` or ``m`` does not lie in memory as ``p`` does: a kernel would need a
+    parameter-sized copy to sweep them together, so the caller takes a strided
+    path (the blocked one) instead.  ``accs`` must be contiguous.  ``threads``:
+    how many the kernel will run on (for :func:`choose_split`); ``split``
+    overrides :func:`choose_split` (for measuring).  Allocates only the tables.
+    """
+    if p.dim() == 2 and p.is_contiguous() and g.is_contiguous() and (m is None or m.is_contiguous()):
+        return RowProblem(p, g, m, accs[0].view(-1), accs[1].view(-1), _nothing)  # as it is: the common case
+    order = physical_order(p)
+    if order is None:
+        return None
+    views = [t.permute(order) for t in ((p, g) if m is None else (p, g, m))]
+    if not all(v.is_contiguous() for v in views[1:]):
+        return None
+    shape = [p.shape[d] for d in order]
+    s = choose_split(shape, threads) if split is None else split
+    rows, cols = math.prod(shape[:s]), math.prod(shape[s:])
+    row_acc, finish_rows = _group_accumulator(accs, order[:s], shape[:s])
+    col_acc, finish_cols = _group_accumulator(accs, order[s:], shape[s:])
+    finishers = [f for f in (finish_rows, finish_cols) if f is not None]
+
+    def finish() -> None:
+        for f in finishers:
+            f()
+
+    p2, g2, *m2 = (v.reshape(rows, cols) for v in views)  # contiguous: views, never copies
+    return RowProblem(p2, g2, m2[0] if m2 else None, row_acc, col_acc, finish)

@@ -36,6 +36,7 @@ the kernel has run.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
@@ -88,17 +89,29 @@ def physical_order(t: torch.Tensor) -> Optional[list[int]]:
     ``channels_last_3d``, a transpose, ...).  Dims of size 1 have no meaningful
     stride; they go where the sort puts them (``is_contiguous`` ignores them).
     """
-    if t.is_contiguous():
-        return list(range(t.dim()))
+    order = _order(tuple(t.shape), t.stride())
+    return None if order is None else list(order)
+
+
+@functools.lru_cache(maxsize=4096)
+def _order(shape: tuple[int, ...], strides: tuple[int, ...]) -> Optional[tuple[int, ...]]:
     # larger strides first; among equal strides (size-1 dims) the larger size first
-    order = sorted(range(t.dim()), key=lambda d: (-t.stride(d), -t.shape[d]))
-    return order if t.permute(order).is_contiguous() else None
+    order = tuple(sorted(range(len(shape)), key=lambda d: (-strides[d], -shape[d])))
+    expected = 1
+    for d in reversed(order):  # contiguous in that order: each stride the product of the sizes inside it
+        if shape[d] != 1 and strides[d] != expected:
+            return None
+        expected *= shape[d]
+    return order
 
 
 def same_layout(p: torch.Tensor, *others: torch.Tensor) -> bool:
     """Whether ``p`` is dense (:func:`physical_order`) and ``others`` lie in memory exactly as it does."""
-    order = physical_order(p)
-    return order is not None and all(t.permute(order).is_contiguous() for t in others)
+    if _order(tuple(p.shape), p.stride()) is None:
+        return False
+    # dense, same shape: the same memory order iff the same strides on every dim of size > 1
+    live = [d for d, n in enumerate(p.shape) if n != 1]
+    return all(all(t.stride(d) == p.stride(d) for d in live) for t in others)
 
 
 def split_cost(rows: int, cols: int, threads: int = 1) -> float:
@@ -133,6 +146,18 @@ def choose_split(shape: Sequence[int], threads: int = 1) -> int:
     return 1 + costs.index(min(costs))
 
 
+@functools.lru_cache(maxsize=4096)
+def _plan(shape: tuple[int, ...], strides: tuple[int, ...], threads: int, split: Optional[int]):
+    """(memory order, rows, cols, row dims, their sizes, column dims, their sizes) of a dense tensor, or None."""
+    order = _order(shape, strides)
+    if order is None:
+        return None
+    physical = [shape[d] for d in order]
+    s = choose_split(physical, threads) if split is None else split
+    return (math.prod(physical[:s]), math.prod(physical[s:]),
+            order[:s], tuple(physical[:s]), order[s:], tuple(physical[s:]))
+
+
 def _group_accumulator(accs: Sequence[torch.Tensor], dims: Sequence[int], shape: Sequence[int]):
     """The accumulator the kernel reads for the physical ``dims`` (sizes ``shape``): a view or a table.
 
@@ -141,7 +166,7 @@ def _group_accumulator(accs: Sequence[torch.Tensor], dims: Sequence[int], shape:
     """
     if len(dims) == 1:
         return accs[dims[0]].view(-1), None
-    group = [a.reshape([n if j == i else 1 for j, n in enumerate(shape)]) for i, a in enumerate(accs[d] for d in dims)]
+    group = [accs[d].view([n if j == i else 1 for j, n in enumerate(shape)]) for i, d in enumerate(dims)]
     table = cover_minimum(group).contiguous()  # broadcast over the group: prod(shape) numbers
 
     def finish() -> None:
@@ -167,25 +192,21 @@ def row_problem(
     path (the blocked one) instead.  ``accs`` must be contiguous.  ``threads``:
     how many the kernel will run on (for :func:`choose_split`); ``split``
     overrides :func:`choose_split` (for measuring).  Allocates only the tables.
+    The plan (memory order, split) is cached per shape, strides and threads.
     """
-    if p.dim() == 2 and p.is_contiguous() and g.is_contiguous() and (m is None or m.is_contiguous()):
-        return RowProblem(p, g, m, accs[0].view(-1), accs[1].view(-1), _nothing)  # as it is: the common case
-    order = physical_order(p)
-    if order is None:
+    plan = _plan(tuple(p.shape), p.stride(), threads, split)
+    tensors = (p, g) if m is None else (p, g, m)
+    if plan is None or not same_layout(*tensors):
         return None
-    views = [t.permute(order) for t in ((p, g) if m is None else (p, g, m))]
-    if not all(v.is_contiguous() for v in views[1:]):
-        return None
-    shape = [p.shape[d] for d in order]
-    s = choose_split(shape, threads) if split is None else split
-    rows, cols = math.prod(shape[:s]), math.prod(shape[s:])
-    row_acc, finish_rows = _group_accumulator(accs, order[:s], shape[:s])
-    col_acc, finish_cols = _group_accumulator(accs, order[s:], shape[s:])
+    rows, cols, row_dims, row_shape, col_dims, col_shape = plan
+    row_acc, finish_rows = _group_accumulator(accs, row_dims, row_shape)
+    col_acc, finish_cols = _group_accumulator(accs, col_dims, col_shape)
     finishers = [f for f in (finish_rows, finish_cols) if f is not None]
 
     def finish() -> None:
         for f in finishers:
             f()
 
-    p2, g2, *m2 = (v.reshape(rows, cols) for v in views)  # contiguous: views, never copies
-    return RowProblem(p2, g2, m2[0] if m2 else None, row_acc, col_acc, finish)
+    # dense: the numel elements from each tensor's first one, in memory order (a view, never a copy)
+    p2, g2, *m2 = (t.as_strided((rows, cols), (cols, 1)) for t in tensors)
+    return RowProblem(p2, g2, m2[0] if m2 else None, row_acc, col_acc, finish if finishers else _nothing)

@@ -194,6 +194,9 @@ def row_problem(
     overrides :func:`choose_split` (for measuring).  Allocates only the tables.
     The plan (memory order, split) is cached per shape, strides and threads.
     """
+    if (p.dim() == 2 and split is None and p.is_contiguous() and g.is_contiguous()
+            and (m is None or m.is_contiguous())):  # already a row problem: the GPT-2 matrices
+        return RowProblem(p, g, m, accs[0].view(-1), accs[1].view(-1), _nothing)
     plan = _plan(tuple(p.shape), p.stride(), threads, split)
     tensors = (p, g) if m is None else (p, g, m)
     if plan is None or not same_layout(*tensors):

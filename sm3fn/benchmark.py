@@ -340,7 +340,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
         + ", ".join(f"{k} {v:.2f} ms" for k, v in over["median_ms"].items())
         + f"; functional / plain loop = {over['ratio']:.2f}x"
     )
-    if args.plot:
+    if args.plot and results:  # the GPT-2 presets' (the conv preset prints its own tables)
         plot(results, args.plot)
         print(f"plot saved to {args.plot}")
     return results

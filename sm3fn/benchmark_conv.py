@@ -95,17 +95,23 @@ def _optimizers(params) -> dict[str, Callable[[], object]]:
 
 
 def _interleaved(groups: dict[str, dict[str, Callable[[], object]]], repeats: int) -> dict:
-    """Times every step of every group, round-robin; ratios to each group's ``Adam fused`` per round."""
-    steps = [(g, name, step) for g, opts in groups.items() for name, step in opts.items()]
-    for _, _, step in steps:  # warm-up: state, kernel builds
-        step()
-        step()
-    times: dict[tuple[str, str], list[float]] = {(g, n): [] for g, n, _ in steps}
-    for r in range(repeats):
-        for g, name, step in steps[r % len(steps):] + steps[: r % len(steps)]:
-            t = time.perf_counter()
+    """Times the steps of each group round-robin; ratios to the group's ``Adam fused`` per round.
+
+    Groups run one after the other, their steps interleaved, the order rotating
+    each round: each step follows another step on the same tensors as often as
+    any other does (small tensors are then in cache for all alike).
+    """
+    times: dict[tuple[str, str], list[float]] = {}
+    for g, opts in groups.items():
+        steps = list(opts.items())
+        for _, step in steps:  # warm-up: state, kernel builds
             step()
-            times[(g, name)].append(time.perf_counter() - t)
+            step()
+        for r in range(repeats):
+            for name, step in steps[r % len(steps):] + steps[: r % len(steps)]:
+                t = time.perf_counter()
+                step()
+                times.setdefault((g, name), []).append(time.perf_counter() - t)
     out: dict[str, dict[str, dict]] = {}
     for (g, name), ts in times.items():
         adam = times[(g, "Adam fused")]

@@ -178,13 +178,14 @@ def bench_splits(repeats: int, log: Callable[[str], None] = print) -> None:
     from sm3fn._sm3_math import init_accumulators
 
     lr = torch.tensor(1e-6, dtype=torch.float64)
+    row_problem = layout.row_problem
 
     def sweeper(p, g, split=None):
         accs = list(init_accumulators(p, torch.float32))
         kernel = fused_cpu.build(g, accs, None, 0.0, 0.0, 1e-30)
 
         def sweep():
-            with mock.patch.object(layout, "choose_split", lambda *a: split or layout.choose_split(*a)):
+            with mock.patch.object(layout, "row_problem", lambda *a: row_problem(*a, split=split)):
                 fused_cpu.sweep_(kernel, p, g, accs, None, lr)
         return sweep
 

@@ -73,8 +73,33 @@ def test_chosen_splits():
     assert layout.choose_split([64, 7, 7, 3]) == 1
     assert layout.choose_split([2048, 512, 1, 1]) == 1
     assert layout.choose_split([4, 512, 512]) == 2
-    # fewer rows than threads leave threads idle: a later split
-    assert layout.split_cost(2, 4096, threads=8) > layout.split_cost(128, 64, threads=8)
+    assert layout.choose_split([2, 3, 8192]) == 2  # not a column table of half the parameter
+    # fewer rows than threads leave threads idle
+    assert layout.split_cost([2, 4096], 1, threads=8) == layout.split_cost([2, 4096], 1, threads=2)
+    assert layout.split_cost([64, 4096], 1, threads=8) < layout.split_cost([64, 4096], 1, threads=2)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 8192), (4, 512, 512), (64, 32, 7, 7), (16, 16, 16, 16, 16),
+                                   (2048, 512, 1, 1), (8, 64, 64, 64), (300, 2, 5)], ids=str)
+def test_tables_are_a_small_share_of_the_parameter(shape):
+    for order in ([0, 1, 2, 3, 4][:len(shape)], list(range(len(shape)))[::-1]):
+        p = laid_out(torch.zeros(shape), order)
+        accs = _state(p, 0)[0]
+        problem = layout.row_problem(p, p, accs, None)
+        owned = {a.untyped_storage().data_ptr() for a in accs}
+        tables = [a for a in (problem.row_acc, problem.col_acc) if a.untyped_storage().data_ptr() not in owned]
+        assert tables or len(shape) == 2  # these shapes need one (but a 2-D one)
+        tables = sum(a.numel() for a in tables)
+        assert tables <= max(p.numel() // 8, layout.TABLE_SMALL)
+
+
+def test_a_tensor_with_no_small_split_takes_the_blocked_path():
+    """(2, 100000, 2): any split needs a table of half the parameter; the blocked path steps it."""
+    shape = (2, 100000, 2)
+    assert layout.choose_split(list(shape)) is None
+    p = torch.zeros(shape)
+    assert not _fused.supported(p, p, _state(p, 0)[0], None)
+    _assert_same(*_step_both(shape, [0, 1, 2], 0.0, 0.0, torch.float32, steps=2), torch.float32, 0.0)
 
 
 @pytest.mark.parametrize("shape,order", CASES, ids=_ids)
@@ -107,6 +132,14 @@ def test_matches_float64_reference(shape, order, momentum, beta, dtype):
         np.testing.assert_allclose(m.double().numpy(), ref.m, rtol=2e-4, atol=1e-6)
 
 
+_row_problem = layout.row_problem
+
+
+def _forced_split(split):
+    """The fused kernel's tensors presented with rows ``shape[:split]`` (None: the chosen split)."""
+    return mock.patch.object(layout, "row_problem", lambda *a, **k: _row_problem(*a, **k, split=split))
+
+
 def _step_both(shape, order, momentum, beta, dtype, steps=3, seed=0, nonfinite=False, split=None):
     """The same steps through the fused kernel (split forced if given) and the blocked path."""
     out = []
@@ -121,7 +154,7 @@ def _step_both(shape, order, momentum, beta, dtype, steps=3, seed=0, nonfinite=F
                 g.view(-1)[3] = float("nan")
                 g.view(-1)[-2] = 1e20 if dtype == torch.float32 else 6e4  # g*g overflows float32 / saturates
             g = laid_out(g.to(dtype), order)
-            with mock.patch.object(layout, "choose_split", (lambda *a: split) if split else layout.choose_split):
+            with _forced_split(split):
                 sm3_apply_([p], [g], [accs], [m], lr=0.05, momentum=momentum, beta=beta, eps=1e-30, fused=fused)
         out.append((p, accs, m))
     return out

@@ -22,8 +22,10 @@ the same compiler, flags and on-disk cache as ``torch.compile``), once per
 configuration (dtypes, number of dims, beta, eps and momentum, 0 for none);
 ``lr`` is read at run time, so a schedule does not recompile.
 
-The sweep (``k >= 2`` dims): the tensor is seen as ``rows x m`` (``m`` the
-last dim).  For each row, every element's ``nu``, ``u``, momentum and new
+The sweep (``k >= 2`` dims): :mod:`sm3fn._kernels.layout` presents the
+tensor, in any dense layout, as ``rows x m`` in memory order (groups of dims
+folded into small tables of accumulator minima, reduced back after the
+sweep), and the kernel sees that 2-D problem.  For each row, every element's ``nu``, ``u``, momentum and new
 parameter come from the traced lines; the row's maximum of ``nu`` goes to the
 accumulators of the leading dims, and each column's running maximum to the
 last one.  Each thread keeps its own running maxima (``threads x sum(shape)``
@@ -442,8 +444,9 @@ def supported(p: torch.Tensor, g: torch.Tensor, accs: Sequence[torch.Tensor],
 
     CPU, dense: contiguous, or for 2+ dims any permutation of contiguous
     (``channels_last``, a transpose; :func:`layout.physical_order`) with the
-    gradient and momentum buffer laid out as the parameter (else the blocked
-    path, which takes any strides, steps it); contiguous accumulators; the
+    gradient and momentum buffer laid out as the parameter, and a split whose
+    tables stay small (:func:`layout.presentable`; else the blocked path,
+    which takes any strides, steps it); contiguous accumulators; the
     gradient in the parameter's dtype; the accumulators and momentum buffer in
     one statistics dtype: the parameter's for float32/float64, float32 for
     bfloat16/float16 (see :data:`PARAMS`); plain tensors only (no DTensor or
@@ -460,7 +463,9 @@ def supported(p: torch.Tensor, g: torch.Tensor, accs: Sequence[torch.Tensor],
     if not all(a.is_contiguous() for a in accs):
         return False
     tensors = (p, g) if m is None else (p, g, m)
-    if not all(t.is_contiguous() for t in tensors) and (p.dim() <= 1 or not _layout.same_layout(*tensors)):
+    if p.dim() >= 2 and not (_layout.same_layout(*tensors) and _layout.presentable(p)):
+        return False
+    if p.dim() <= 1 and not all(t.is_contiguous() for t in tensors):
         return False
     return all(t.dtype == stats for t in accs) and (m is None or m.dtype == stats)
 

@@ -57,6 +57,13 @@ VECTOR_NS = 3.4
 #: its running maxima, read and written once per row) leave L1, then L2
 CACHE_PENALTY = ((2048, 1.0), (4096, 1.3))
 FAR_PENALTY = 1.9
+#: a table costs a few torch calls to build and reduce back (fixed) and a few passes over it
+TABLE_NS = 5000.0
+TABLE_ELEMENT_NS = 1.0
+#: no split whose tables hold more than this share of the parameter's numbers (or
+#: TABLE_SMALL, whichever is more) is taken: the step's scratch stays a fraction of it
+TABLE_MAX_SHARE = 1 / 8
+TABLE_SMALL = 1 << 12
 
 
 @dataclass(frozen=True)
@@ -105,6 +112,11 @@ def _order(shape: tuple[int, ...], strides: tuple[int, ...]) -> Optional[tuple[i
     return order
 
 
+def presentable(p: torch.Tensor) -> bool:
+    """Whether :func:`row_problem` can present ``p`` (2+ dims): dense, with a split of small tables."""
+    return _plan(tuple(p.shape), p.stride(), 1, None) is not None
+
+
 def same_layout(p: torch.Tensor, *others: torch.Tensor) -> bool:
     """Whether ``p`` is dense (:func:`physical_order`) and ``others`` lie in memory exactly as it does."""
     if _order(tuple(p.shape), p.stride()) is None:
@@ -114,36 +126,48 @@ def same_layout(p: torch.Tensor, *others: torch.Tensor) -> bool:
     return all(all(t.stride(d) == p.stride(d) for d in live) for t in others)
 
 
-def split_cost(rows: int, cols: int, threads: int = 1) -> float:
-    """The modelled time (ns) of a ``rows x cols`` row-kernel sweep on ``threads`` threads.
+def table_numbers(shape: Sequence[int], s: int) -> int:
+    """How many numbers the tables of split ``s`` hold (a group of one dim needs none)."""
+    k = len(shape)
+    return (math.prod(shape[:s]) if s > 1 else 0) + (math.prod(shape[s:]) if k - s > 1 else 0)
+
+
+def split_cost(shape: Sequence[int], s: int, threads: int = 1) -> float:
+    """The modelled time (ns) of the row-kernel sweep of a physical ``shape`` split at ``s``.
 
     Per row: :data:`ROW_NS` plus :data:`VECTOR_NS` per vector of 16, times the
-    cache penalty of ``cols``; rows are split among the threads (fewer rows
-    than threads leave some idle).
+    cache penalty of the row length; rows are split among the threads (fewer
+    rows than threads leave some idle); plus the tables (:data:`TABLE_NS`
+    each, :data:`TABLE_ELEMENT_NS` per number).
     """
+    rows, cols = math.prod(shape[:s]), math.prod(shape[s:])
     per_row = ROW_NS + VECTOR_NS * -(-cols // 16)
     penalty = FAR_PENALTY
     for limit, factor in CACHE_PENALTY:
         if cols <= limit:
             penalty = factor
             break
-    return per_row * penalty * -(-rows // max(1, threads))
+    tables = (s > 1) + (len(shape) - s > 1)
+    return (per_row * penalty * -(-rows // max(1, threads))
+            + TABLE_NS * tables + TABLE_ELEMENT_NS * table_numbers(shape, s))
 
 
-def choose_split(shape: Sequence[int], threads: int = 1) -> int:
+def choose_split(shape: Sequence[int], threads: int = 1) -> Optional[int]:
     """Where a physical shape (``k >= 2``) splits into rows ``shape[:s]`` and columns ``shape[s:]``.
 
-    The split of least :func:`split_cost`, the earliest among equals: long
-    rows (fewer row overheads, whole vectors) while the column arrays stay in
-    cache.  A conv weight ``(out, in, kh, kw)`` keeps ``s = 1`` (rows of
-    ``in*kh*kw``); a depthwise ``(C, 1, 3, 3)`` has rows of 9 whatever the
-    split (every row pays a masked vector: ~1.4x fused Adam's step there, see
-    docs/_incoming/conv.md); a ``(4, 512, 512)`` tensor splits at ``s = 2``
-    (rows of 512, not one row of 262144 whose column arrays leave the cache).
+    The split of least :func:`split_cost`, the earliest among equals, among
+    those whose tables stay small (:data:`TABLE_MAX_SHARE`); None if none
+    does (then the blocked path steps the tensor).  Long rows (fewer row
+    overheads, whole vectors) win while the column arrays stay in cache.  A
+    conv weight ``(out, in, kh, kw)`` keeps ``s = 1`` (rows of ``in*kh*kw``);
+    a depthwise ``(C, 1, 3, 3)`` has rows of 9 whatever the split (every row
+    pays a masked vector, see docs/_incoming/conv.md); a ``(4, 512, 512)``
+    tensor splits at ``s = 2`` (rows of 512, no column table).
     """
-    k = len(shape)
-    costs = [split_cost(math.prod(shape[:s]), math.prod(shape[s:]), threads) for s in range(1, k)]
-    return 1 + costs.index(min(costs))
+    limit = max(int(math.prod(shape) * TABLE_MAX_SHARE), TABLE_SMALL)
+    costs = {s: split_cost(shape, s, threads) for s in range(1, len(shape))
+             if table_numbers(shape, s) <= limit}
+    return min(costs, key=costs.get) if costs else None
 
 
 @functools.lru_cache(maxsize=4096)
@@ -154,6 +178,8 @@ def _plan(shape: tuple[int, ...], strides: tuple[int, ...], threads: int, split:
         return None
     physical = [shape[d] for d in order]
     s = choose_split(physical, threads) if split is None else split
+    if s is None:
+        return None
     return (math.prod(physical[:s]), math.prod(physical[s:]),
             order[:s], tuple(physical[:s]), order[s:], tuple(physical[s:]))
 

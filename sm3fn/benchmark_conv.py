@@ -177,16 +177,16 @@ def bench_splits(repeats: int, log: Callable[[str], None] = print) -> None:
     from sm3fn._kernels import fused_cpu
     from sm3fn._sm3_math import init_accumulators
 
-    lr = torch.tensor(1e-6, dtype=torch.float64)
+    hyper = fused_cpu.hyperparameters(1e-6, 0.0, 0.0, 1e-30)
     row_problem = layout.row_problem
 
     def sweeper(p, g, split=None):
         accs = list(init_accumulators(p, torch.float32))
-        kernel = fused_cpu.build(g, accs, None, 0.0, 0.0, 1e-30)
+        kernel = fused_cpu.build(g, accs, None, 0.0)
 
         def sweep():
-            with mock.patch.object(layout, "row_problem", lambda *a: row_problem(*a, split=split)):
-                fused_cpu.sweep_(kernel, p, g, accs, None, lr)
+            with mock.patch.object(layout, "row_problem", lambda *a, **k: row_problem(*a, **k, split=split)):
+                fused_cpu.sweep_(kernel, p, g, accs, None, hyper)
         return sweep
 
     n = 1 << 21

@@ -17,7 +17,7 @@ import torch
 
 from sm3fn._kernels import fused_cpu as _fused
 from sm3fn._kernels import layout
-from sm3fn._kernels.blocked import sm3_apply_
+from sm3fn._kernels import sm3_step_
 from reference import ReferenceSM3, random_gradient
 from test_fused import _exact, _state
 
@@ -61,9 +61,10 @@ def test_views_not_copies_and_tables_smaller_than_the_parameter(shape, order):
     p = laid_out(torch.randn(shape), order)
     m = torch.zeros_like(p)
     accs, _ = _state(p, 0)
-    problem = layout.row_problem(p, p.clone(memory_format=torch.preserve_format), accs, m)
-    assert problem.p.data_ptr() == p.data_ptr() and problem.m.data_ptr() == m.data_ptr()
-    assert problem.p.is_contiguous() and problem.p.shape == (problem.row_acc.numel(), problem.col_acc.numel())
+    problem = layout.row_problem([p, p.clone(memory_format=torch.preserve_format), m], accs)
+    p2, _, m2 = problem.views
+    assert p2.data_ptr() == p.data_ptr() and m2.data_ptr() == m.data_ptr()
+    assert p2.is_contiguous() and p2.shape == (problem.row_acc.numel(), problem.col_acc.numel())
     assert problem.row_acc.numel() + problem.col_acc.numel() < p.numel()
 
 
@@ -85,7 +86,7 @@ def test_tables_are_a_small_share_of_the_parameter(shape):
     for order in ([0, 1, 2, 3, 4][:len(shape)], list(range(len(shape)))[::-1]):
         p = laid_out(torch.zeros(shape), order)
         accs = _state(p, 0)[0]
-        problem = layout.row_problem(p, p, accs, None)
+        problem = layout.row_problem([p, p], accs)
         owned = {a.untyped_storage().data_ptr() for a in accs}
         tables = [a for a in (problem.row_acc, problem.col_acc) if a.untyped_storage().data_ptr() not in owned]
         assert tables or len(shape) == 2  # these shapes need one (but a 2-D one)
@@ -119,7 +120,7 @@ def test_matches_float64_reference(shape, order, momentum, beta, dtype):
     strides = p.stride()
     for g in grads:
         ref.step(g.double().numpy())
-        sm3_apply_([p], [g], [accs], [m], lr=0.07, momentum=momentum, beta=beta, eps=1e-30, fused=True)
+        sm3_step_([p], [g], [accs], [m], lr=0.07, momentum=momentum, beta=beta, eps=1e-30, fused=True)
     assert p.stride() == strides  # stepped in place, in its own layout
     if dtype == torch.float32:
         np.testing.assert_allclose(p.double().numpy(), ref.p, rtol=2e-5, atol=1e-6)
@@ -155,7 +156,7 @@ def _step_both(shape, order, momentum, beta, dtype, steps=3, seed=0, nonfinite=F
                 g.view(-1)[-2] = 1e20 if dtype == torch.float32 else 6e4  # g*g overflows float32 / saturates
             g = laid_out(g.to(dtype), order)
             with _forced_split(split):
-                sm3_apply_([p], [g], [accs], [m], lr=0.05, momentum=momentum, beta=beta, eps=1e-30, fused=fused)
+                sm3_step_([p], [g], [accs], [m], lr=0.05, momentum=momentum, beta=beta, eps=1e-30, fused=fused)
         out.append((p, accs, m))
     return out
 
@@ -225,8 +226,8 @@ def test_a_gradient_or_buffer_in_another_layout_takes_the_blocked_path(which):
             m = _like(m, p)
         else:
             g, m = _like(g, p), m.contiguous()
-        assert not _fused.supported(p, g, accs, m) and layout.row_problem(p, g, accs, m) is None
-        sm3_apply_([p], [g], [accs], [m], lr=0.05, momentum=0.9, beta=0.0, eps=1e-30, fused=fused)
+        assert not _fused.supported(p, g, accs, m) and layout.row_problem([p, g, m], accs) is None
+        sm3_step_([p], [g], [accs], [m], lr=0.05, momentum=0.9, beta=0.0, eps=1e-30, fused=fused)
         got.append((p, accs, m))
     for x, y in zip(got[0][1] + [got[0][0], got[0][2]], got[1][1] + [got[1][0], got[1][2]]):
         assert torch.equal(x, y)
@@ -256,3 +257,35 @@ def test_a_channels_last_model_trains_the_same_through_both_paths():
                             opts[True].state[w]["momentum_buffer"])
     for a, b in zip(models[True].parameters(), models[False].parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape,order", [((6, 5, 3, 3), CL4), ((9, 4, 1, 1), [0, 1, 2, 3]),
+                                         ((4, 3, 2, 3, 2), CL5), ((5, 7), [1, 0])], ids=str)
+@pytest.mark.parametrize("lr,momentum", [(None, None), (0.05, 0.9)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pure_step_through_the_layout(shape, order, lr, momentum, dtype):
+    """The out-of-place kernel (sm3fn.sm3 / scale_by_sm3's update) on a permuted layout: inputs
+    untouched, accumulators bit for bit with the reference math, updates to rounding, and
+    the update in the gradient's layout."""
+    from sm3fn._kernels import sm3_step
+
+    gen = torch.Generator().manual_seed(11)
+    g = laid_out(torch.randn(shape, generator=gen).to(dtype), order)
+    accs, m = _state(g, momentum)
+    accs = [torch.rand(a.shape, generator=gen) for a in accs]  # random old accumulators
+    if m is not None:
+        m = _like(torch.randn(shape, generator=gen), g)
+    before = [t.clone() for t in [g, *accs] + ([m] if m is not None else [])]
+    assert _fused.supported(None, g, accs, m)
+    got = [sm3_step([g], [accs], None if m is None else [m], beta=0.0, eps=1e-30, momentum=momentum, lr=lr,
+                    fused=fused) for fused in (True, False)]
+    for t, b in zip([g, *accs] + ([m] if m is not None else []), before):
+        assert torch.equal(t, b)
+    (fu, fa, fm), (bu, ba, bm) = got
+    for a, b in zip(fa[0], ba[0]):
+        assert torch.equal(a, b)
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(fu[0].float(), bu[0].float(), rtol=4 * eps, atol=4 * eps * (lr or 1))
+    assert fu[0].stride() == g.stride()
+    if m is not None:
+        torch.testing.assert_close(fm[0], bm[0], rtol=0, atol=4 * torch.finfo(torch.float32).eps)

@@ -68,20 +68,25 @@ TABLE_SMALL = 1 << 12
 
 @dataclass(frozen=True)
 class RowProblem:
-    """One tensor's step as a ``rows x cols`` problem (contiguous views of the caller's tensors).
+    """One tensor's step as a ``rows x cols`` problem.
 
-    ``row_acc`` (``rows`` numbers) and ``col_acc`` (``cols`` numbers) are
-    contiguous and 1-d: views of accumulators where a group is one dim
-    (written in place by the kernel), tables otherwise.  Call ``finish()``
-    once after the kernel has written them: it copies the tables' new maxima
-    into the accumulators (a no-op when there is no table).
+    ``views``: the caller's tensors (parameter, gradient, momentum, outputs:
+    all of one shape and layout) as contiguous ``(rows, cols)`` views, in the
+    order given.  ``row_acc`` (``rows`` numbers) and ``col_acc`` (``cols``
+    numbers), contiguous and 1-d, are what the kernel reads: views of the
+    accumulators where a group is one dim, tables otherwise.  ``row_out`` and
+    ``col_out`` are where it writes the new maxima (saturated) after its
+    sweep: the same tensors in place; views of the new accumulators, or the
+    tables again (their old values are no longer needed), out of place.  Call
+    ``finish()`` once after the kernel has run: it reduces the tables' new
+    maxima into the accumulators (a no-op when there is no table).
     """
 
-    p: torch.Tensor
-    g: torch.Tensor
-    m: Optional[torch.Tensor]
+    views: tuple[torch.Tensor, ...]
     row_acc: torch.Tensor
     col_acc: torch.Tensor
+    row_out: torch.Tensor
+    col_out: torch.Tensor
     finish: Callable[[], None]
 
 
@@ -184,52 +189,58 @@ def _plan(shape: tuple[int, ...], strides: tuple[int, ...], threads: int, split:
             order[:s], tuple(physical[:s]), order[s:], tuple(physical[s:]))
 
 
-def _group_accumulator(accs: Sequence[torch.Tensor], dims: Sequence[int], shape: Sequence[int]):
-    """The accumulator the kernel reads for the physical ``dims`` (sizes ``shape``): a view or a table.
+def _group_accumulator(accs: Sequence[torch.Tensor], outs: Sequence[torch.Tensor], dims: Sequence[int],
+                       shape: Sequence[int]):
+    """What the kernel reads and writes for the physical ``dims`` (sizes ``shape``): views, or a table.
 
-    Returns ``(flat, finish)``: ``finish`` writes the table's new maxima back
-    into ``accs`` (None for a view, which the kernel writes itself).
+    Returns ``(read, write, finish)``: ``finish`` reduces the table's new
+    maxima into ``outs`` (None for views, which the kernel writes itself).
     """
     if len(dims) == 1:
-        return accs[dims[0]].view(-1), None
+        return accs[dims[0]].view(-1), outs[dims[0]].view(-1), None
     group = [accs[d].view([n if j == i else 1 for j, n in enumerate(shape)]) for i, d in enumerate(dims)]
     table = cover_minimum(group).contiguous()  # broadcast over the group: prod(shape) numbers
 
     def finish() -> None:
         for d, new in zip(dims, cover_maxima(table.view(shape))):
-            accs[d].view(-1).copy_(new.view(-1))
+            outs[d].view(-1).copy_(new.view(-1))
 
-    return table.view(-1), finish
+    return table.view(-1), table.view(-1), finish
 
 
 def row_problem(
-    p: torch.Tensor,
-    g: torch.Tensor,
+    tensors: Sequence[torch.Tensor],
     accs: Sequence[torch.Tensor],
-    m: Optional[torch.Tensor],
     threads: int = 1,
     split: Optional[int] = None,
+    new_accs: Optional[Sequence[torch.Tensor]] = None,
 ) -> Optional[RowProblem]:
-    """``p``, ``g``, ``m`` (same shape, ``k >= 2`` dims) and their keepdim accumulators as a row problem.
+    """``tensors`` (one shape, ``k >= 2`` dims) and their keepdim accumulators as a row problem.
 
-    None if ``p`` is not dense (a permutation of a contiguous tensor), or if
-    ``g`` or ``m`` does not lie in memory as ``p`` does: a kernel would need a
-    parameter-sized copy to sweep them together, so the caller takes a strided
-    path (the blocked one) instead.  ``accs`` must be contiguous.  ``threads``:
-    how many the kernel will run on (for :func:`choose_split`); ``split``
-    overrides :func:`choose_split` (for measuring).  Allocates only the tables.
-    The plan (memory order, split) is cached per shape, strides and threads.
+    ``tensors``: the parameter, gradient, momentum buffer, outputs, whatever
+    the kernel sweeps together (the first decides the layout).  ``new_accs``:
+    where the new accumulators go, out of place (default: ``accs``, in place).
+    None if the first tensor is not dense (a permutation of a contiguous
+    tensor), if another does not lie in memory as it does (a kernel would
+    need a parameter-sized copy to sweep them together, so the caller takes a
+    strided path, the blocked one), or if every split needs large tables
+    (:func:`choose_split`).  ``accs`` must be contiguous.  ``threads``: how
+    many the kernel will run on (for :func:`choose_split`); ``split``
+    overrides it (for measuring).  Allocates only the tables.  The plan
+    (memory order, split) is cached per shape, strides and threads.
     """
-    if (p.dim() == 2 and split is None and p.is_contiguous() and g.is_contiguous()
-            and (m is None or m.is_contiguous())):  # already a row problem: the GPT-2 matrices
-        return RowProblem(p, g, m, accs[0].view(-1), accs[1].view(-1), _nothing)
-    plan = _plan(tuple(p.shape), p.stride(), threads, split)
-    tensors = (p, g) if m is None else (p, g, m)
+    first = tensors[0]
+    outs = accs if new_accs is None else new_accs
+    if first.dim() == 2 and split is None and all(t.is_contiguous() for t in tensors):
+        # already a row problem: the GPT-2 matrices
+        return RowProblem(tuple(tensors), accs[0].view(-1), accs[1].view(-1), outs[0].view(-1),
+                          outs[1].view(-1), _nothing)
+    plan = _plan(tuple(first.shape), first.stride(), threads, split)
     if plan is None or not same_layout(*tensors):
         return None
     rows, cols, row_dims, row_shape, col_dims, col_shape = plan
-    row_acc, finish_rows = _group_accumulator(accs, row_dims, row_shape)
-    col_acc, finish_cols = _group_accumulator(accs, col_dims, col_shape)
+    row_acc, row_out, finish_rows = _group_accumulator(accs, outs, row_dims, row_shape)
+    col_acc, col_out, finish_cols = _group_accumulator(accs, outs, col_dims, col_shape)
     finishers = [f for f in (finish_rows, finish_cols) if f is not None]
 
     def finish() -> None:
@@ -237,5 +248,5 @@ def row_problem(
             f()
 
     # dense: the numel elements from each tensor's first one, in memory order (a view, never a copy)
-    p2, g2, *m2 = (t.as_strided((rows, cols), (cols, 1)) for t in tensors)
-    return RowProblem(p2, g2, m2[0] if m2 else None, row_acc, col_acc, finish if finishers else _nothing)
+    views = tuple(t.as_strided((rows, cols), (cols, 1)) for t in tensors)
+    return RowProblem(views, row_acc, col_acc, row_out, col_out, finish if finishers else _nothing)

@@ -84,11 +84,12 @@ def _optimizers(params) -> dict[str, Callable[[], object]]:
     from sm3fn.optim import SM3
 
     lr = 1e-6  # tiny: every optimizer steps the same shared parameters
-    stats = dict(accumulator_dtype=torch.float32, momentum_dtype=torch.float32)
+    f32 = torch.float32  # the statistics of bfloat16 parameters too
     opts = {
-        "sm3fn fused": SM3(params, lr=lr, fused=True, **stats),
-        "sm3fn m=0.9 fused": SM3(params, lr=lr, momentum=0.9, fused=True, **stats),
-        "sm3fn blocked": SM3(params, lr=lr, fused=False, **stats),
+        "sm3fn fused": SM3(params, lr=lr, fused=True, accumulator_dtype=f32, momentum_dtype=f32),
+        "sm3fn m=0.9 fused": SM3(params, lr=lr, momentum=0.9, fused=True, accumulator_dtype=f32,
+                                 momentum_dtype=f32),
+        "sm3fn blocked": SM3(params, lr=lr, fused=False, accumulator_dtype=f32, momentum_dtype=f32),
         "Adam fused": torch.optim.Adam(params, lr=lr, fused=True),
     }
     return {name: opt.step for name, opt in opts.items()}
@@ -185,7 +186,7 @@ def bench_splits(repeats: int, log: Callable[[str], None] = print) -> None:
         kernel = fused_cpu.build(g, accs, None, 0.0)
 
         def sweep():
-            with mock.patch.object(layout, "row_problem", lambda *a, **k: row_problem(*a, **k, split=split)):
+            with mock.patch.object(layout, "row_problem", lambda *a, **k: row_problem(*a, **{**k, "split": split})):
                 fused_cpu.sweep_(kernel, p, g, accs, None, hyper)
         return sweep
 
@@ -202,7 +203,9 @@ def bench_splits(repeats: int, log: Callable[[str], None] = print) -> None:
         for channels_last in (False, True) if len(shape) in (4, 5) else (False,):
             p = _formatted(torch.randn(shape), channels_last)
             g = _formatted(torch.randn(shape), channels_last)
-            physical = [shape[d] for d in layout.physical_order(p)]
+            order = layout.physical_order(p)
+            assert order is not None
+            physical = [shape[d] for d in order]
             adam_p = torch.nn.Parameter(p.clone())
             adam_p.grad = g.clone()
             adam = torch.optim.Adam([adam_p], lr=1e-6, fused=True)

@@ -14,12 +14,11 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
-
-from sm3fn._kernels import fused_cpu as _fused
-from sm3fn._kernels import layout
-from sm3fn._kernels import sm3_step_
 from reference import ReferenceSM3, random_gradient
 from test_fused import _exact, _state
+
+from sm3fn._kernels import fused_cpu as _fused
+from sm3fn._kernels import layout, sm3_step_
 
 
 def laid_out(x: torch.Tensor, order) -> torch.Tensor:

@@ -618,6 +618,7 @@ def _run(kernel, g, p_in, p_out, m_in, m_out, accs_in, accs_out, hp) -> None:
     with_m = m_in is not accs_in[0]
     problem = _layout.row_problem([g, p_in, p_out] + ([m_in, m_out] if with_m else []), accs_in,
                                   threads, new_accs=accs_out)
+    assert problem is not None, "supported() admits only the tensors the layout presents"
     g, p_in, p_out, *ms = problem.views
     m_in, m_out = ms if with_m else (problem.row_acc, problem.row_out)
     rows, cols = g.shape

@@ -172,7 +172,7 @@ def choose_split(shape: Sequence[int], threads: int = 1) -> Optional[int]:
     limit = max(int(math.prod(shape) * TABLE_MAX_SHARE), TABLE_SMALL)
     costs = {s: split_cost(shape, s, threads) for s in range(1, len(shape))
              if table_numbers(shape, s) <= limit}
-    return min(costs, key=costs.get) if costs else None
+    return min(costs, key=lambda s: costs[s]) if costs else None
 
 
 @functools.lru_cache(maxsize=4096)

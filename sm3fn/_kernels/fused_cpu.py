@@ -36,9 +36,8 @@ tensor, in any dense layout, as ``rows x m`` in memory order (groups of dims
 folded into small tables of accumulator minima, reduced back after the
 sweep), and the kernel sees that 2-D problem.  For each row, every element's ``nu``, ``u``, momentum and new
 parameter come from the traced lines; the row's maximum of ``nu`` goes to the
-accumulators of the leading dims, and each column's running maximum to the
-last one.  Each thread keeps its own running maxima (``threads x sum(shape)``
-numbers, in a tensor the caller allocates, so that the allocator sees
+row accumulator, and each column's running maximum to the column one.  Each
+thread keeps its own running maxima (``threads x (rows + cols)`` numbers, in a tensor the caller allocates, so that the allocator sees
 it), merged and saturated after the sweep, so the old accumulator
 values every row reads are never overwritten mid-step.  0-d/1-d tensors
 have a full-size accumulator: their sweep is elementwise.

@@ -13,8 +13,10 @@ def test_resnet50_shapes_add_up_to_torchvisions_parameter_count():
     assert sum(len(s) == 4 for s in shapes) == 53
 
 
-def test_params_keep_their_memory_format():
+def test_params_keep_their_memory_format(monkeypatch):
+    monkeypatch.setattr(benchmark_conv, "conv_shapes", lambda: [(8, 4, 3, 3), (6, 4, 3, 3, 3), (8,), (4, 3, 5)])
     params = benchmark_conv.make_params(channels_last=True, dtype=torch.bfloat16)
+    assert [p.dim() for p in params] == [4, 5, 1, 3]
     for p in params:
         if p.dim() == 4:
             assert p.is_contiguous(memory_format=torch.channels_last)

@@ -27,11 +27,14 @@ one accumulator per dim.  :func:`row_problem` turns the second into the first:
    over the group's other dims: exact, and saturation commutes with ``max``).
    So the accumulators come out bit for bit as the blocked path's.
 
-Scratch: the tables, ``prod(row dims) + prod(column dims)`` numbers at most
-(the split keeps both far below the parameter's size), never a parameter-sized
-buffer.  Nothing here knows about a kernel: :func:`row_problem` returns 2-D
-views, the two accumulators (views or tables) and a ``finish`` to call after
-the kernel has run.
+Scratch: the tables, at most :data:`TABLE_MAX_SHARE` of the parameter's
+numbers (or :data:`TABLE_SMALL`): no split with larger ones is taken, and a
+tensor with none left is not presented (the caller's blocked path steps it),
+so never a parameter-sized buffer.  Nothing here knows about a kernel:
+:func:`row_problem` returns 2-D views of the tensors it is given, what the
+kernel reads and writes for the row and column accumulators (views or
+tables), and a ``finish`` to call after the kernel has run; in place or out
+of place (``new_accs``).
 """
 
 from __future__ import annotations

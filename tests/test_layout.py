@@ -288,3 +288,27 @@ def test_pure_step_through_the_layout(shape, order, lr, momentum, dtype):
     assert fu[0].stride() == g.stride()
     if m is not None:
         torch.testing.assert_close(fm[0], bm[0], rtol=0, atol=4 * torch.finfo(torch.float32).eps)
+
+
+def test_views_into_a_flat_buffer_step_in_place_and_leave_the_rest_alone():
+    """Parameters that are dense views at an offset into one flat buffer (flat-parameter
+    schemes): the sweep starts at each view's own first element and writes nothing else."""
+    got = []
+    for fused in (True, False):
+        gen = torch.Generator().manual_seed(12)
+        flat = torch.randn(1000, generator=gen)
+        w = flat[7:7 + 6 * 5 * 3 * 3].view(6, 3, 3, 5).permute(0, 3, 1, 2)  # channels_last, offset 7
+        v = flat[400:400 + 4 * 9].view(9, 4).t()  # transposed, offset 400
+        before = flat.clone()
+        for p in (w, v):
+            accs, m = _state(p, 0.9)
+            g = _like(torch.randn(p.shape, generator=gen), p)
+            if fused:
+                assert _fused.supported(p, g, accs, m)
+            sm3_step_([p], [g], [accs], [m], lr=0.05, momentum=0.9, beta=0.0, eps=1e-30, fused=fused)
+        touched = torch.zeros(1000, dtype=torch.bool)
+        touched[7:7 + 270] = True
+        touched[400:436] = True
+        assert torch.equal(flat[~touched], before[~touched]) and not torch.equal(flat[touched], before[touched])
+        got.append(flat)
+    torch.testing.assert_close(got[0], got[1], rtol=1e-6, atol=1e-7)

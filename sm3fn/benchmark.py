@@ -22,9 +22,11 @@ plain Python loop calling the same math on the same 200 tensors.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import statistics
+import sys
 import time
 from typing import Callable, Optional
 
@@ -32,6 +34,8 @@ import torch
 
 import sm3fn
 from sm3fn._sm3_math import init_accumulators, sm3_block
+
+__all__ = ["main", "bench_preset", "bench_functional_overhead", "format_table"]
 
 #: name -> (n_embd, n_layer, vocab, n_ctx)
 PRESETS = {
@@ -75,6 +79,23 @@ def state_bytes(state_tensors) -> int:
     return total
 
 
+@contextlib.contextmanager
+def _kineto_quiet():
+    """Sends file descriptor 2 to /dev/null for the block: kineto's C++ writes a
+    ``USDT: ... profiler_start``/``profiler_stop`` line there at every profile,
+    which no logging setting silences, and the table should be the output."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def step_peak_bytes(fn: Callable[[], object]) -> int:
     """Peak of the CPU allocator's live bytes while ``fn`` runs, above those live before it.
 
@@ -85,7 +106,7 @@ def step_peak_bytes(fn: Callable[[], object]) -> int:
     """
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _kineto_quiet(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
     events.sort(key=lambda e: e.start_ns())
@@ -313,7 +334,8 @@ def machine() -> str:
 
 def main(argv: Optional[list[str]] = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--presets", nargs="+", default=None, choices=sorted(PRESETS))
+    ap.add_argument("--presets", nargs="+", default=None, choices=sorted(PRESETS) + ["conv"],
+                    help="GPT-2 sizes, or conv: a ResNet-50-like net (sm3fn.benchmark_conv)")
     ap.add_argument("--repeats", type=int, default=None, help="timed steps per optimizer")
     ap.add_argument("--quick", action="store_true", help="tiny preset, 3 repeats, no torch.compile")
     ap.add_argument("--no-compile", action="store_true", help="skip the compiled sm3fn variants")
@@ -325,6 +347,11 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     print(f"machine: {machine()}")
     results = []
     for preset in presets:
+        if preset == "conv":  # per-shape ratios, contiguous and channels_last, float32 and bfloat16
+            from sm3fn import benchmark_conv
+
+            benchmark_conv.run(repeats)
+            continue
         res = bench_preset(preset, repeats, include_compiled=not (args.quick or args.no_compile))
         print(format_table(res), flush=True)
         results.append(res)
@@ -334,7 +361,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
         + ", ".join(f"{k} {v:.2f} ms" for k, v in over["median_ms"].items())
         + f"; functional / plain loop = {over['ratio']:.2f}x"
     )
-    if args.plot:
+    if args.plot and results:  # the GPT-2 presets' (the conv preset prints its own tables)
         plot(results, args.plot)
         print(f"plot saved to {args.plot}")
     return results

@@ -241,8 +241,10 @@ def _pure_reference(g, accs, m, beta, eps, momentum, lr):
 def _pure_dense(indices, grads, accumulators, buffers, updates, new_accs, new_ms, *,
                 beta, eps, momentum, lr, fused) -> None:
     """Plain dense tensors no gradient flows through: the fused kernel, else the reference math."""
-    # the kernel takes float hyperparameters, and momentum only on the way to an lr
-    floats = not any(isinstance(x, torch.Tensor) for x in (momentum, lr))
+    # the kernel reads its hyperparameters as doubles (lr may be a one-number CPU tensor,
+    # as a schedule gives), and momentum only on the way to an lr
+    floats = not isinstance(momentum, torch.Tensor) and (
+        not isinstance(lr, torch.Tensor) or (lr.numel() == 1 and lr.device.type == "cpu"))
     items = [(None, grads[j], list(accumulators[j]), buffers[j]) for j in indices]
     mode = "u" if lr is None else "sm3"
     use = _use_fused(fused, False) and floats and (lr is not None or all(m is None for *_, m in items))

@@ -17,6 +17,8 @@ from sm3fn.transforms.momentum import checked_buffers, ema
 from sm3fn.transforms.scaling import COUNT, scale_by_learning_rate
 from sm3fn.transforms.sm3 import accumulator_state, checked_inputs, scale_by_sm3
 
+__all__ = ["sm3"]
+
 
 def sm3(
     learning_rate: ScalarOrSchedule = 0.1,
@@ -45,8 +47,9 @@ def sm3(
       momentum: EMA decay of the preconditioned gradient, in ``[0, 1)``.
       beta: 0 for the paper's sum of squares, ``0 < beta < 1`` for its moving average.
       eps: added to the second moment under the square root, ``>= 0``.
-      accumulator_dtype, momentum_dtype: dtypes of the statistics; default:
-        the parameter's for float32/float64, float32 for narrower floats.
+      accumulator_dtype: dtype of the accumulators; default: the
+        parameter's for float32/float64, float32 for narrower floats.
+      momentum_dtype: dtype of the momentum buffer; the same default.
       sparse: the parameters that get sparse gradients (e.g. from
         ``nn.Embedding(sparse=True)``): dotted names or a predicate
         ``name -> bool``.  They keep only the row accumulator, no momentum

@@ -26,6 +26,8 @@ from tensordict import TensorDict
 from sm3fn import _checks, _tree
 from sm3fn.base import GradientTransformation, OptState, Tree
 
+__all__ = ["inject_hyperparams"]
+
 COUNT, HYPERPARAMS, INNER_STATE = "count", "hyperparams", "inner_state"
 
 
@@ -109,7 +111,7 @@ def inject_hyperparams(
                 batch_size=[],
             )
 
-        def update(updates: Tree, state: OptState, params: Optional[Tree] = None):
+        def update(updates: Tree, state: OptState, params: Optional[Tree] = None) -> tuple[Tree, OptState]:
             keys = set(state.keys())
             if keys != {COUNT, HYPERPARAMS, INNER_STATE}:
                 raise ValueError(

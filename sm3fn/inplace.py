@@ -17,10 +17,13 @@ import torch
 
 from sm3fn import _checks, _tree
 from sm3fn._kernels import check_kernel_choice, sm3_step_
-from sm3fn._kernels import sharded as _sharded, sparse as _sparse
+from sm3fn._kernels import sharded as _sharded
+from sm3fn._kernels import sparse as _sparse
 from sm3fn.base import OptState, ScalarOrSchedule, Tree
 from sm3fn.transforms.scaling import COUNT
 from sm3fn.transforms.sm3 import accumulators_by_param, check_grad
+
+__all__ = ["sm3_update_"]
 
 
 def _as_float(name: str, value) -> float:
@@ -77,7 +80,10 @@ def sm3_update_(
       params: dict or TensorDict of parameters, updated in place.
       grads: the same keys (``None`` for frozen ones); only read.
       state: the state TensorDict of ``sm3fn.sm3(...)``, updated in place.
-      learning_rate, momentum, beta, eps: as in :func:`sm3fn.sm3`.
+      learning_rate: as in :func:`sm3fn.sm3`.
+      momentum: as in :func:`sm3fn.sm3`.
+      beta: as in :func:`sm3fn.sm3`.
+      eps: as in :func:`sm3fn.sm3`.
       fused: one C++ sweep per CPU tensor it covers (``None``, the
         default: where it can be built; see :class:`sm3fn.optim.SM3`).
       compiled: fuse each block with ``torch.compile`` instead (the first
@@ -137,9 +143,10 @@ def sm3_update_(
             raise ValueError(f"a schedule learning_rate needs state['learning_rate'][{COUNT!r}]; "
                              "the state was made without a schedule")
         count = lr_state.get(COUNT)
-        lr = learning_rate(count)
-        _checks.check_scalar("learning_rate(count)", lr, 0.0)
-        lr = _as_float("learning_rate(count)", lr) if isinstance(lr, torch.Tensor) else float(lr)
+        assert callable(learning_rate)  # what `schedule` says, spelled so that mypy sees it
+        scheduled = learning_rate(count)
+        _checks.check_scalar("learning_rate(count)", scheduled, 0.0)
+        lr = _as_float("learning_rate(count)", scheduled) if isinstance(scheduled, torch.Tensor) else float(scheduled)
 
     sm3_step_(
         [p_leaves[path] for path in live],

@@ -90,7 +90,8 @@ def _block_step(
     for r, new in zip(running, maxima):
         torch.maximum(r, new, out=r)
     if fold:  # u is the denominator sqrt(nu + eps)
-        p.addcdiv_(g, u, value=-lr)
+        # a 0-d tensor lr (the compiled path's) is a valid Scalar at run time; torch's stubs say Number only
+        p.addcdiv_(g, u, value=-lr)  # type: ignore[arg-type]
         return
     if m is not None:
         u = ema(m, u.to(m.dtype), momentum, out=m)
@@ -174,7 +175,8 @@ class _Scratch:
     """Block-sized buffers, made on first use and shared by every tensor of a step."""
 
     def __init__(self, block_elements: int, compiled: bool):
-        self.size, self.compiled, self.bufs = block_elements, compiled, {}
+        self.size, self.compiled = block_elements, compiled
+        self.bufs: dict[tuple, torch.Tensor] = {}
 
     def get(self, name: str, n: int, like: torch.Tensor, dtype: torch.dtype) -> Optional[torch.Tensor]:
         """A flat buffer of ``n`` elements, or None under compile (which needs none)."""
@@ -189,7 +191,8 @@ class _Scratch:
 
 def _packs(members: list[int], sizes: list[int], capacity: int):
     """Consecutive groups of ``members`` whose sizes add up to at most ``capacity``."""
-    pack, used = [], 0
+    pack: list[int] = []
+    used = 0
     for j, n in zip(members, sizes):
         if pack and used + n > capacity:
             yield pack

@@ -78,7 +78,7 @@ class _Sym:
     blocked path), rather than generating something else.
     """
 
-    def __init__(self, trace: "_Trace", name: str, dtype: torch.dtype):
+    def __init__(self, trace: _Trace, name: str, dtype: torch.dtype):
         self.trace, self.name, self.dtype = trace, name, dtype
 
     @classmethod
@@ -129,7 +129,7 @@ class _Hyper:
     # trace of the symbolic value it is combined with
     __torch_function__ = _Sym.__torch_function__
 
-    def _combine(self, other, op: str, reflected: bool = False) -> "_Hyper":
+    def _combine(self, other, op: str, reflected: bool = False) -> _Hyper:
         if isinstance(other, bool) or not isinstance(other, (int, float, _Hyper)):
             return NotImplemented
         o = other.expr if isinstance(other, _Hyper) else f"{float(other).hex()}"
@@ -169,7 +169,8 @@ class _Trace:
     """Records the C++ lines of one traced computation (SSA: one ``auto tN`` per call)."""
 
     def __init__(self, dtype: torch.dtype):
-        self.dtype, self.lines, self.count = dtype, [], 0
+        self.dtype, self.count = dtype, 0
+        self.lines: list[str] = []
 
     def input(self, name: str) -> _Sym:
         return _Sym(self, name, self.dtype)
@@ -492,7 +493,7 @@ def source(param_dtype: torch.dtype, dtype: torch.dtype, k: int, with_momentum: 
 #: built kernels by configuration, least recently used first.  The key holds only what
 #: changes the generated code (dtypes, rank, momentum on/off, beta zero or not, mode),
 #: so a training run needs a handful; the bound keeps a long-lived process from growing.
-_kernels: "OrderedDict[tuple, object]" = OrderedDict()
+_kernels: OrderedDict[tuple, object] = OrderedDict()
 MAX_KERNELS = 64
 _lock = threading.Lock()
 #: why the kernel cannot be built here (set by :func:`give_up`), or None

@@ -38,7 +38,7 @@ from sm3fn._sm3_math import Scalar, accumulator_shapes, init_accumulators, sm3_b
 try:
     from torch.distributed.tensor import DTensor, Replicate
 except ImportError:  # a torch built without distributed support
-    DTensor = None
+    DTensor = None  # type: ignore[assignment,misc]  # is_dtensor() then answers False
 
 
 def is_dtensor(t: Optional[torch.Tensor]) -> bool:

@@ -22,17 +22,22 @@ from __future__ import annotations
 
 import functools
 import numbers
-from typing import Any, Callable, Mapping, Optional
+import warnings
+from typing import AbstractSet, Any, Callable, Mapping, Optional
 
 import torch
+from torch.optim.optimizer import ParamsT
 
 from sm3fn import _checks
-from sm3fn._kernels import sharded as _sharded, sparse as _sparse
 from sm3fn._kernels import check_kernel_choice, sm3_step_
+from sm3fn._kernels import sharded as _sharded
+from sm3fn._kernels import sparse as _sparse
 from sm3fn.alias import sm3 as sm3_tx
 from sm3fn.optim.functional import PARAM, FunctionalOptimizer, Template, param_key
 from sm3fn.optim.functional import _describe as _describe_value
 from sm3fn.transforms.finite import all_finite
+
+__all__ = ["SM3"]
 
 STEP = "step"
 SKIPPED_STEPS = "skipped_steps"  # a top-level state_dict entry, with skip_nonfinite=True
@@ -43,9 +48,37 @@ ACCUMULATOR = "accumulator_"
 _SM3_STAGE, _MOMENTUM_STAGE = "sm3", "momentum"
 
 
-def _transform(lr, momentum, beta, eps, *, accumulator_dtype, momentum_dtype):
-    """A group's ``sm3fn.sm3`` (module level, so that the optimizer pickles)."""
+def _transform(lr, momentum, beta, eps, weight_decay=0.0, *, accumulator_dtype, momentum_dtype):
+    """A group's ``sm3fn.sm3`` (module level, so that the optimizer pickles).
+
+    ``weight_decay`` is not part of it: :meth:`SM3.step` decays the weights
+    itself, before the SM3 step (see :func:`_decay_weights_`)."""
     return sm3_tx(lr, momentum, beta, eps, accumulator_dtype=accumulator_dtype, momentum_dtype=momentum_dtype)
+
+
+#: group keys that torch.optim and its schedulers write (``initial_lr``, OneCycleLR's
+#: ``max_lr``/``min_lr``/``max_momentum``/``base_momentum``, SWALR's ``swa_lr``):
+#: present in a group, but not settings a user expects SM3 to honour, so no warning
+_TORCH_GROUP_KEYS = frozenset(
+    {"params", "param_names", "initial_lr", "max_lr", "min_lr", "max_momentum", "base_momentum", "swa_lr"})
+
+
+def _decay_weights_(params: list[torch.Tensor], lr: Any, weight_decay: Any) -> None:
+    """Decoupled weight decay, in place: ``p <- p * (1 - lr * weight_decay)``.
+
+    Run before the SM3 step, whose update does not depend on ``p``, this gives
+    ``p - lr * (u + weight_decay * p)``: the step of
+    ``chain(scale_by_sm3(), ema(momentum), add_decayed_weights(weight_decay),
+    scale_by_learning_rate(lr))``, as AdamW decays (Loshchilov & Hutter 2019).
+    """
+    torch._foreach_mul_(params, 1 - lr * weight_decay)
+
+
+def _check_weight_decay(weight_decay: Any) -> None:
+    if isinstance(weight_decay, bool) or not isinstance(weight_decay, numbers.Real):
+        raise TypeError(
+            f"weight_decay must be a real number, got {weight_decay!r} of type {type(weight_decay).__name__}")
+    _checks.check_scalar("weight_decay", weight_decay, 0.0)
 
 
 def _row_cover(state: Mapping[str, Any], p: torch.Tensor) -> bool:
@@ -71,7 +104,7 @@ class SM3(FunctionalOptimizer):
         u   = g / sqrt(nu + eps)           (0 where nu == 0)
         a_i = max of nu over every dim but i
         m   = momentum * m + (1 - momentum) * u        (only if momentum > 0)
-        p  -= lr * (m or u)
+        p  -= lr * (m or u) + lr * weight_decay * p     (the decay from p before the step)
 
     Args:
       params: parameters or param-group dicts (each group may set its own
@@ -82,8 +115,16 @@ class SM3(FunctionalOptimizer):
       beta: 0 sums squared gradients (the paper's default); ``0 < beta < 1``
         keeps their exponential moving average, which decays.
       eps: added to ``nu`` under the square root, ``>= 0``.
-      accumulator_dtype, momentum_dtype: dtypes of the statistics; default:
-        the parameter's for float32/float64, float32 for bfloat16/float16.
+      weight_decay: decoupled weight decay (AdamW's), ``>= 0``: each step
+        first shrinks every parameter that has a dense gradient by the factor
+        ``1 - lr * weight_decay``, outside the preconditioner and the momentum.
+        A group key like the others (HF ``Trainer`` puts biases and norms in a
+        group with ``weight_decay=0``).  Parameters with sparse gradients must
+        be in a group with ``weight_decay=0`` (decaying every row would make
+        their step dense).
+      accumulator_dtype: dtype of the accumulators; default: the
+        parameter's for float32/float64, float32 for bfloat16/float16.
+      momentum_dtype: dtype of the momentum buffer; the same default.
       skip_nonfinite: when any gradient holds a NaN or inf, drop the whole
         step: parameters and state stay bit-identical and ``skipped_steps``
         (saved in ``state_dict()``) goes up by one.  Costs one host sync per
@@ -104,6 +145,13 @@ class SM3(FunctionalOptimizer):
         instead (inductor; the first steps compile, seconds per
         configuration); excludes ``fused=True``.
 
+    Warnings (once per optimizer): a param group key that SM3 does not use
+    (e.g. Adam's ``betas``, which would otherwise be ignored silently), and a
+    group whose ``momentum`` leaves 0 after construction (``OneCycleLR`` and
+    ``CyclicLR`` with their default ``cycle_momentum=True`` do this), which
+    makes SM3 keep a parameter-sized momentum buffer; pass
+    ``cycle_momentum=False`` to keep SM3's memory.
+
     Sparse gradients (``nn.Embedding(sparse=True)``, ``nn.EmbeddingBag(sparse=True)``,
     any ``torch.sparse_coo`` gradient) update only the rows they touch, with
     the row accumulator ``a_0`` as the only cover; other rows keep their
@@ -123,11 +171,12 @@ class SM3(FunctionalOptimizer):
 
     def __init__(
         self,
-        params,
+        params: ParamsT,
         lr: float = 0.1,
         momentum: float = 0.0,
         beta: float = 0.0,
         eps: float = 1e-30,
+        weight_decay: float = 0.0,
         *,
         accumulator_dtype: Optional[torch.dtype] = None,
         momentum_dtype: Optional[torch.dtype] = None,
@@ -146,17 +195,22 @@ class SM3(FunctionalOptimizer):
         _checks.check_dtype_arg("momentum_dtype", momentum_dtype)
         self.accumulator_dtype = accumulator_dtype
         self.momentum_dtype = momentum_dtype
-        self._check_group({"lr": lr, "momentum": momentum, "beta": beta, "eps": eps})
+        self._warned_keys = set()
+        self._zero_momentum_groups = set()
+        self._check_group({"lr": lr, "momentum": momentum, "beta": beta, "eps": eps, "weight_decay": weight_decay})
 
         tx = functools.partial(_transform, accumulator_dtype=accumulator_dtype, momentum_dtype=momentum_dtype)
-        super().__init__(params, tx, lr=lr, momentum=momentum, beta=beta, eps=eps)
+        super().__init__(params, tx, lr=lr, momentum=momentum, beta=beta, eps=eps, weight_decay=weight_decay)
 
     # -- torch-SM3's names for sm3fn.sm3's state ------------------------------------------
 
     compiled = False  # the defaults for optimizers pickled before the options existed
-    fused = None
+    fused: Optional[bool] = None
+    _warned_keys: AbstractSet[str] = frozenset()  # optimizers pickled before the warnings: warn again
+    _zero_momentum_groups: AbstractSet[int] = frozenset()
     _PICKLED = FunctionalOptimizer._PICKLED + (
-        "accumulator_dtype", "momentum_dtype", "skip_nonfinite", "skipped_steps", "compiled", "fused")
+        "accumulator_dtype", "momentum_dtype", "skip_nonfinite", "skipped_steps", "compiled", "fused",
+        "_warned_keys", "_zero_momentum_groups")
 
     def _check_group(self, group: Mapping[str, Any]) -> None:
         # torch-SM3's checks, plus: real numbers only (the fast path takes floats)
@@ -165,6 +219,33 @@ class SM3(FunctionalOptimizer):
             if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise TypeError(f"{name} must be a real number, got {value!r} of type {type(value).__name__}")
         _checks.check_sm3_hyperparameters(group["lr"], group["momentum"], group["beta"], group["eps"], lr_name="lr")
+        _check_weight_decay(group.get("weight_decay", 0.0))  # absent from torch-SM3's groups
+
+    # -- warnings, once per optimizer ----------------------------------------------------
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        unused = sorted(k for k in group if k not in self._hyperparameters and k not in _TORCH_GROUP_KEYS)
+        new = [k for k in unused if k not in self._warned_keys]
+        if new:
+            self._warned_keys = set(self._warned_keys) | set(new)
+            warnings.warn(
+                f"sm3fn.optim.SM3 ignores the param group key(s) {new} (group {len(self.param_groups) - 1}); "
+                f"it uses {list(self._hyperparameters)}", UserWarning, stacklevel=3)
+        if group["momentum"] == 0:
+            self._zero_momentum_groups = set(self._zero_momentum_groups) | {len(self.param_groups) - 1}
+
+    def _warn_if_momentum_left_zero(self, group: Mapping[str, Any]) -> None:
+        """One warning when a group made with ``momentum=0`` now steps with momentum > 0."""
+        index = next(i for i, g in enumerate(self.param_groups) if g is group)
+        if index in self._zero_momentum_groups:
+            self._zero_momentum_groups = set()  # once per optimizer
+            warnings.warn(
+                f"param group {index} was made with momentum=0 and now has momentum={group['momentum']!r}; "
+                "SM3 now keeps a momentum buffer the size of each parameter. A OneCycleLR or CyclicLR "
+                "scheduler does this with its default cycle_momentum=True: pass cycle_momentum=False "
+                "to keep SM3's memory.", UserWarning, stacklevel=3)
 
     def _state_key(self, template: Template) -> str:
         if template == (_MOMENTUM_STAGE, PARAM):
@@ -200,6 +281,12 @@ class SM3(FunctionalOptimizer):
                     f"{self._describe_param(group, p, index[id(p)])} has a {g.layout} gradient; "
                     "sm3fn.optim.SM3 takes dense (torch.strided) or torch.sparse_coo gradients"
                 )
+            if group.get("weight_decay", 0.0) != 0:
+                raise ValueError(
+                    f"{self._describe_param(group, p, index[id(p)])} has a sparse gradient in a group "
+                    f"with weight_decay={group['weight_decay']!r}; put it in a group with weight_decay=0 "
+                    "(decaying every row would make its sparse step dense)"
+                )
             if g.sparse_dim() == 0:
                 raise ValueError(
                     f"{self._describe_param(group, p, index[id(p)])} has a sparse gradient with "
@@ -231,7 +318,8 @@ class SM3(FunctionalOptimizer):
         # 1. check everything, so that a bad group or gradient changes nothing
         for group in self.param_groups:
             self._check_group(group)
-            dense, sparse = [], []
+            dense: list[torch.Tensor] = []
+            sparse: list[torch.Tensor] = []
             for p in group["params"]:
                 g = p.grad
                 if g is None or p.numel() == 0:  # frozen, or nothing to update: skipped
@@ -243,7 +331,7 @@ class SM3(FunctionalOptimizer):
                     )
                 state = self.state.get(p, {})
                 _sharded.check_same_kind(  # the description is made only to raise: it walks the group
-                    "SM3", lambda: self._describe_param(group, p, index[id(p)]), param=p, grad=g,
+                    "SM3", lambda group=group, p=p: self._describe_param(group, p, index[id(p)]), param=p, grad=g,
                     **{k: v for k, v in state.items() if k != STEP and isinstance(v, torch.Tensor)},
                 )
                 (dense if g.layout == torch.strided else sparse).append(p)
@@ -260,6 +348,8 @@ class SM3(FunctionalOptimizer):
         # 2. state for new parameters (and a momentum buffer once momentum > 0), from tx.init
         for group, params, _ in work:
             with_momentum = group["momentum"] > 0
+            if with_momentum:
+                self._warn_if_momentum_left_zero(group)
             needs = {
                 param_key(index[id(p)]): p
                 for p in params
@@ -282,6 +372,8 @@ class SM3(FunctionalOptimizer):
             momentum = group["momentum"]
             stepped = params + sparse
             states = [self.state[p] for p in stepped]
+            if params and group.get("weight_decay", 0.0) != 0:  # dense only: _check_sparse refuses the rest
+                _decay_weights_(params, group["lr"], group["weight_decay"])
             sm3_step_(
                 stepped,
                 [p.grad for p in stepped],
@@ -315,8 +407,14 @@ class SM3(FunctionalOptimizer):
             skipped = int(skipped.item())
         if isinstance(skipped, bool) or not isinstance(skipped, int) or skipped < 0:
             raise ValueError(f"state_dict[{SKIPPED_STEPS!r}] must be an int >= 0, got {skipped!r}")
+        groups = state_dict.get("param_groups")
+        if isinstance(groups, list) and all(isinstance(g, Mapping) for g in groups):
+            # torch-SM3's checkpoints and ours from before weight_decay: no decay
+            state_dict = {**state_dict, "param_groups": [{"weight_decay": 0.0, **g} for g in groups]}
         super().load_state_dict(state_dict)
         self.skipped_steps = skipped
+        # the loaded momentum is the run's own: warn only when it later leaves 0
+        self._zero_momentum_groups = {i for i, g in enumerate(self.param_groups) if g["momentum"] == 0}
 
     def _load_param_state(
         self, name: str, p: torch.Tensor, group: Mapping[str, Any], saved: Mapping[str, Any]
@@ -332,7 +430,7 @@ class SM3(FunctionalOptimizer):
             step = int(step.item())
         elif isinstance(step, torch.Tensor) and step.numel() == 1:
             step = float(step.item())
-        if isinstance(step, bool) or not isinstance(step, numbers.Real) or step < 0 or step != int(step):
+        if isinstance(step, bool) or not isinstance(step, numbers.Real) or step < 0 or step != int(step):  # type: ignore[call-overload]  # Real has __int__ at run time
             raise ValueError(f"{name}: loaded state['step'] must be a count >= 0, got {step!r}")
         buffer = saved.pop(MOMENTUM_BUFFER, None)
         if isinstance(buffer, torch.Tensor):
@@ -357,7 +455,7 @@ class SM3(FunctionalOptimizer):
         else:
             # the accumulators, checked against tx.init's (momentum left out: handled above)
             out = super()._load_param_state(name, p, {**group, "momentum": 0.0}, saved)
-        out[STEP] = torch.tensor(int(step), dtype=torch.int64)
+        out[STEP] = torch.tensor(int(step), dtype=torch.int64)  # type: ignore[call-overload]  # checked Real above
         if buffer is not None:
             out[MOMENTUM_BUFFER] = buffer
         return out

@@ -10,6 +10,8 @@ from tensordict import TensorDict, TensorDictBase
 from sm3fn import _checks, _tree
 from sm3fn.base import GradientTransformation, OptState, Tree
 
+__all__ = ["parameter_averaging", "averaged_params"]
+
 COUNT = "count"
 AVERAGE = "averaged_params"
 
@@ -71,7 +73,7 @@ def parameter_averaging(
         count = torch.zeros((), dtype=torch.int64, device=device)
         return TensorDict({COUNT: count, AVERAGE: _tree.state_tree(averages)}, batch_size=[])
 
-    def update(updates: Tree, state: OptState, params: Optional[Tree] = None):
+    def update(updates: Tree, state: OptState, params: Optional[Tree] = None) -> tuple[Tree, OptState]:
         if params is None:
             raise ValueError(
                 "parameter_averaging needs params: call tx.update(grads, state, params)"

@@ -8,6 +8,8 @@ from tensordict import TensorDict
 
 from sm3fn.base import GradientTransformation, OptState, Tree
 
+__all__ = ["chain", "named_chain"]
+
 
 def named_chain(*named: tuple[str, GradientTransformation]) -> GradientTransformation:
     """Applies transforms left to right; the state is ``{name: that transform's state}``."""
@@ -23,7 +25,7 @@ def named_chain(*named: tuple[str, GradientTransformation]) -> GradientTransform
     def init(params: Tree) -> OptState:
         return TensorDict({n: tx.init(params) for n, tx in named}, batch_size=[])
 
-    def update(updates: Tree, state: OptState, params: Optional[Tree] = None):
+    def update(updates: Tree, state: OptState, params: Optional[Tree] = None) -> tuple[Tree, OptState]:
         check_chain_state(state, names)
         new_state = {}
         for n, tx in named:

@@ -7,10 +7,13 @@ from typing import Optional
 import torch
 
 from sm3fn import _checks, _tree
-from sm3fn._kernels import sharded as _sharded, sparse as _sparse
+from sm3fn._kernels import sharded as _sharded
 from sm3fn._kernels import sm3_step
+from sm3fn._kernels import sparse as _sparse
 from sm3fn._sm3_math import init_accumulators, param_shape
 from sm3fn.base import GradientTransformation, OptState, Tree
+
+__all__ = ["scale_by_sm3"]
 
 ACCUMULATOR = "accumulator_{}"
 
@@ -18,8 +21,7 @@ ACCUMULATOR = "accumulator_{}"
 def accumulators_by_param(state: OptState) -> dict[_tree.Path, list[torch.Tensor]]:
     """``state`` of :func:`scale_by_sm3` as ``{param path: [a_0, ..., a_{k-1}]}``."""
     found: dict[_tree.Path, dict[int, torch.Tensor]] = {}
-    for key, value in state.items(include_nested=True, leaves_only=True):
-        key = (key,) if isinstance(key, str) else tuple(key)
+    for key, value in _tree.td_leaves(state):
         name = key[-1]
         if len(key) < 2 or not name.startswith("accumulator_"):
             raise ValueError(f"scale_by_sm3 state has an unexpected entry {_tree.fmt(key)}")
@@ -116,7 +118,7 @@ def scale_by_sm3(
                 per_param[path] = list(init_accumulators(p, dtype))
         return accumulator_state(per_param)
 
-    def update(updates: Tree, state: OptState, params: Optional[Tree] = None):
+    def update(updates: Tree, state: OptState, params: Optional[Tree] = None) -> tuple[Tree, OptState]:
         grads, accs_by_path = checked_inputs(updates, state, declared_sparse)
         live = list(grads)
         new_updates, new_accs, _ = sm3_step(

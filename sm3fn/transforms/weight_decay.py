@@ -10,6 +10,8 @@ from sm3fn import _checks, _tree
 from sm3fn.base import GradientTransformation, OptState, Tree, empty_state
 from sm3fn.transforms.masking import Mask, resolve
 
+__all__ = ["add_decayed_weights"]
+
 
 def add_decayed_weights(
     weight_decay: float | torch.Tensor = 1e-4, mask: Optional[Mask] = None
@@ -46,7 +48,7 @@ def add_decayed_weights(
         _tree.flatten(params, "params")
         return empty_state()
 
-    def update(updates: Tree, state: OptState, params: Optional[Tree] = None):
+    def update(updates: Tree, state: OptState, params: Optional[Tree] = None) -> tuple[Tree, OptState]:
         if params is None:
             raise ValueError("add_decayed_weights needs params: call tx.update(grads, state, params)")
         leaves = _tree.flatten(updates, "updates")

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-
 from tensordict import TensorDict
 
 from sm3fn import _checks, _tree

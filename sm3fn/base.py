@@ -24,7 +24,8 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 
 from sm3fn import _tree
-from sm3fn._kernels import needs_autograd, sharded as _sharded
+from sm3fn._kernels import needs_autograd
+from sm3fn._kernels import sharded as _sharded
 from sm3fn._kernels.fused_cpu import fresh_like
 
 __all__ = [

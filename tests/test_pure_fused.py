@@ -13,10 +13,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from reference import ReferenceSM3, random_gradient
 
 import sm3fn
 from sm3fn._kernels import fused_cpu as _fused
-from reference import ReferenceSM3, random_gradient
 
 SHAPES = [(), (1,), (9,), (40,), (3, 37), (17, 16), (5, 1), (2, 3, 19)]
 LR = 0.07

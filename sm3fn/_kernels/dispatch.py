@@ -73,9 +73,9 @@ def _check_block_elements(block_elements: Optional[int]) -> None:
         raise ValueError(f"block_elements must be a positive int, got {block_elements!r}")
 
 
-def needs_autograd(*tensors: Optional[torch.Tensor]) -> bool:
+def needs_autograd(*tensors: object) -> bool:
     """Whether the step must be differentiable: tracing, a ``torch.func`` transform, or grad mode
-    with an input that requires grad."""
+    with an input that requires grad (``tensors`` may hold floats and None, which never do)."""
     if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
         return True
     return torch.is_grad_enabled() and any(
@@ -166,7 +166,8 @@ def _route_dense(items, *, lr, momentum, beta, eps, fused, compiled, block_eleme
     if swept:
         hyper = _fused.hyperparameters(lr, momentum, beta, eps)
         for j, kernel in swept.items():
-            _fused.sweep_(kernel, *items[j], hyper)
+            p, g, accs, m = items[j]
+            _fused.sweep_(kernel, p, g, accs, m, hyper)
     rest = [item for j, item in enumerate(items) if j not in swept]
     if rest:
         _blocked.sm3_apply_(*map(list, zip(*rest)), lr=lr, momentum=momentum, beta=beta, eps=eps,

@@ -48,7 +48,7 @@ import sys
 import threading
 import warnings
 from collections import OrderedDict
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -279,7 +279,8 @@ def _body(dtype: torch.dtype, k: int, with_momentum: bool, beta_zero: bool, mode
     g = t.input("g_")
     accs = [t.input(f"a{i}_") for i in range(max(k, 1))]
     nu = second_moment(g, cover_minimum(accs), beta)
-    u = precondition(g, nu, eps)
+    u: Any = precondition(g, nu, eps)  # symbolic values (_Sym) where the math types tensors
+    out: Any
     lines_out = [f"auto nu_o = {nu.name};"]
     if mode != "inplace":
         u = t.emit(f"round_p({u.name})")  # scale_by_sm3's u.to(g.dtype)
@@ -626,7 +627,7 @@ def sweep_(kernel, p: torch.Tensor, g: torch.Tensor, accs: Sequence[torch.Tensor
 #: outputs this large ask the kernel for transparent huge pages (see :func:`fresh_like`)
 HUGE_PAGE_MIN_BYTES = 4 << 20
 _HUGE_PAGE = 2 << 20
-_madvise = None
+_madvise: Any = None  # libc's madvise once looked up; False where there is none
 
 
 def fresh_like(like: torch.Tensor) -> torch.Tensor:

@@ -125,9 +125,8 @@ def scale_by_sm3(
             [grads[path] for path in live], [accs_by_path[path] for path in live],
             beta=beta, eps=eps, paths=live,
         )
-        new_updates = dict(zip(live, new_updates))
-        new_accs = dict(zip(live, new_accs))
-        return _tree.unflatten_like(updates, new_updates), accumulator_state(new_accs)
+        return (_tree.unflatten_like(updates, dict(zip(live, new_updates))),
+                accumulator_state(dict(zip(live, new_accs))))
 
     return GradientTransformation(init, update)
 

@@ -48,12 +48,12 @@ class MultiSteps(GradientTransformation):
     dense.
 
     Args:
-      inner: the transform to run every ``k`` steps, e.g. ``sm3fn.sm3(0.1)``.
-      every_k_schedule: ``k``, an int ``>= 1``, or ``fn(gradient_step) -> k``
+      inner (GradientTransformation): the transform to run every ``k`` steps, e.g. ``sm3fn.sm3(0.1)``.
+      every_k_schedule (int | Callable): ``k``, an int ``>= 1``, or ``fn(gradient_step) -> k``
         (called with the 0-d int64 count of inner steps taken) to vary the
         effective batch size over training.
-      use_grad_mean: average the ``k`` gradients (default) or sum them.
-      accumulator_dtype: dtype of ``acc_grads``; default: the parameter's for
+      use_grad_mean (bool): average the ``k`` gradients (default) or sum them.
+      accumulator_dtype (torch.dtype | None): dtype of ``acc_grads``; default: the parameter's for
         float32/float64, float32 for bfloat16/float16.
 
     Example::

@@ -144,9 +144,14 @@ def sm3_apply_(
     first call per configuration builds it, about a second); ``None`` does
     so where the kernel can be built and falls back, with one warning, where
     it cannot.  Tensors it does not cover (other dtypes and devices,
-    non-contiguous) and every step under tracing take the blocked path.
+    non-contiguous) take the blocked path with ``fused=None``, and are a
+    ``ValueError`` with ``fused=True`` (:func:`refuse_uncovered`, before any
+    write); every step under tracing takes the blocked path.
     """
     use_fused = _use_fused(fused, compiled)
+    if fused is True:
+        for j, (p, g, accs, m) in enumerate(zip(params, grads, accumulators, momentum_buffers)):
+            refuse_uncovered(p, g, accs, m, f"parameter {j}")
     if block_elements is None:
         # compiled with momentum, inductor keeps a block-sized copy of the new
         # buffer, so the block stays at the eager size there
@@ -196,6 +201,27 @@ def check_kernel_choice(fused: Optional[bool], compiled: bool) -> None:
         raise TypeError(f"compiled must be a bool, got {compiled!r}")
     if fused and compiled:
         raise ValueError("fused=True and compiled=True exclude each other: pick one kernel")
+
+
+def refuse_uncovered(p: torch.Tensor, g: torch.Tensor, accs: Sequence[torch.Tensor],
+                     m: Optional[torch.Tensor], name: str = "a parameter") -> None:
+    """``fused=True`` on a tensor the fused kernel does not cover: a ``ValueError`` naming it.
+
+    As ``torch.optim.Adam(fused=True)`` refuses what its kernel cannot step,
+    rather than taking another path unasked; ``fused=None`` chooses per
+    tensor.  Asks :func:`fused_cpu.supported` (what the kernel covers is its
+    business); runs before anything is written.
+    """
+    if g.numel() == 0 or _fused.supported(p, g, accs, m):
+        return
+    raise ValueError(
+        f"fused=True, but the fused SM3 kernel does not cover {name}: "
+        f"{type(p).__name__} of shape {tuple(p.shape)}, dtype {p.dtype}, device {p.device}, "
+        f"layout {g.layout}, {'' if p.is_contiguous() and g.is_contiguous() else 'non-'}contiguous, "
+        f"gradient dtype {g.dtype}, statistics dtype {accs[0].dtype}; it steps plain contiguous CPU "
+        "tensors (float32/float64 with statistics of their dtype, bfloat16/float16 with float32 "
+        "statistics). Pass fused=None to let each tensor take the path that covers it."
+    )
 
 
 def _use_fused(fused: Optional[bool], compiled: bool) -> bool:

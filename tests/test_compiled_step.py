@@ -1,0 +1,315 @@
+"""The SM3 step as custom ops (sm3fn/_kernels/ops.py), tensor lr, and torch.compile(opt.step).
+
+The ops are held to the float64 reference (tests/reference.py) and checked
+with ``torch.library.opcheck`` (schema, fake implementation, aliasing);
+the compiled optimizer step is held to the eager one, must call the op
+(not the traced blocked math) and must not recompile while a scheduler
+changes ``lr`` and ``momentum``.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import sm3fn
+from sm3fn._kernels import ops
+from sm3fn._sm3_math import init_accumulators
+from sm3fn.optim import SM3, FunctionalOptimizer
+from reference import ReferenceSM3, random_gradient
+
+SHAPES = [(), (7,), (5, 6), (2, 3, 4)]
+
+
+def _state(p, momentum):
+    accs = list(init_accumulators(p, p.dtype))
+    return accs, (torch.zeros_like(p) if momentum else None)
+
+
+@pytest.mark.parametrize("momentum,beta", [(0.0, 0.0), (0.9, 0.0), (0.5, 0.3)])
+@pytest.mark.parametrize("fused", [None, False])
+def test_ops_match_float64_reference(momentum, beta, fused):
+    """Four steps of one call for several shapes at once: the in-place op moves the
+    parameters, the out-of-place op returns the update, both as the reference does."""
+    rng = np.random.default_rng(7)
+    p0 = [rng.standard_normal(s) for s in SHAPES]
+    refs = [ReferenceSM3(x, lr=0.05, momentum=momentum, beta=beta) for x in p0]
+    params = [torch.tensor(x) for x in p0]
+    states = [_state(p, momentum) for p in params]
+    pure_p = [p.clone() for p in params]
+    pure_accs = [[x.clone() for x in a] for a, _ in states]
+    pure_moms = [None if m is None else m.clone() for _, m in states]
+    for _ in range(4):
+        grads = [torch.tensor(random_gradient(rng, s)) for s in SHAPES]
+        for ref, g in zip(refs, grads):
+            ref.step(g.numpy())
+        before = [g.clone() for g in grads]
+        ops.step_(params, grads, [a for a, _ in states], [m for _, m in states],
+                  lr=0.05, momentum=momentum, beta=beta, eps=1e-30, fused=fused)
+        inputs = [[a.clone() for a in accs] for accs in pure_accs]
+        updates, pure_accs, pure_moms = ops.step(grads, pure_accs, pure_moms, lr=0.05,
+                                                 momentum=momentum, beta=beta, eps=1e-30, fused=fused)
+        for old, new in zip(inputs, pure_accs):
+            assert all(a is not b for a, b in zip(old, new))
+        pure_p = [p + u for p, u in zip(pure_p, updates)]
+        for g, b in zip(grads, before):
+            assert torch.equal(g, b)  # gradients are only read
+    for ref, p, q, (accs, m), new_accs in zip(refs, params, pure_p, states, pure_accs):
+        np.testing.assert_allclose(p.numpy(), ref.p, rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(q.numpy(), ref.p, rtol=1e-12, atol=1e-14)
+        for a, b, want in zip(accs, new_accs, ref.acc):
+            np.testing.assert_allclose(a.reshape(-1).numpy(), np.reshape(want, -1), rtol=1e-12)
+            assert torch.equal(a, b)
+
+
+def test_out_of_place_op_leaves_its_inputs_and_gives_u_with_lr_minus_one():
+    """``lr = -1`` makes the update ``u`` itself; the state it was given is not touched."""
+    rng = np.random.default_rng(3)
+    g = torch.tensor(random_gradient(rng, (4, 5)), dtype=torch.float32)
+    accs = [a + 0.5 for a in init_accumulators(g, torch.float32)]
+    kept = [a.clone() for a in accs]
+    (u,), (new,), _ = ops.step([g], [accs], [None], lr=-1.0, momentum=0.0, beta=0.0, eps=1e-30)
+    state = sm3fn.scale_by_sm3().init({"w": g})
+    state["w", "accumulator_0"], state["w", "accumulator_1"] = accs
+    want, want_state = sm3fn.scale_by_sm3().update({"w": g}, state)
+    torch.testing.assert_close(u, want["w"])
+    torch.testing.assert_close(new[1], want_state["w", "accumulator_1"])
+    assert all(torch.equal(a, b) for a, b in zip(accs, kept))
+
+
+def test_opcheck_both_ops():
+    """torch.library.opcheck: schema (mutations declared), fake implementations, dispatch."""
+    torch.manual_seed(0)
+    params = [torch.randn(5, 7), torch.randn(3)]
+    grads = [torch.randn_like(p) for p in params]
+    flat = [a + 1.0 for p in params for a in init_accumulators(p, p.dtype)]
+    moms = [torch.randn_like(p) for p in params]
+    hyper = (torch.tensor(0.1, dtype=torch.float64), torch.tensor(0.5), torch.tensor(0.0), 1e-30, None)
+    torch.library.opcheck(torch.ops.sm3fn.sm3_step_.default,
+                          (params, grads, flat, moms, [2, 1], *hyper))
+    torch.library.opcheck(torch.ops.sm3fn.sm3_step.default, (grads, flat, moms, [2, 1], *hyper))
+
+
+def test_ops_refuse_mismatched_lists():
+    p = torch.randn(3, 4)
+    accs = list(init_accumulators(p, p.dtype))
+    with pytest.raises(ValueError, match="counts"):
+        torch.ops.sm3fn.sm3_step_([p], [p], accs, [], [1], torch.tensor(0.1), torch.tensor(0.0),
+                                  torch.tensor(0.0), 1e-30, None)
+    with pytest.raises(ValueError, match="momentum_buffers"):
+        ops.step_([p, p], [p, p], [accs, accs], [torch.zeros_like(p), None], lr=0.1, momentum=0.5,
+                  beta=0.0, eps=1e-30)
+
+
+# --------------------------------------------------------------------------- tensor lr
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+
+
+def _train(model, opt, steps, sched=None, data_seed=1, step=None):
+    gen = torch.Generator().manual_seed(data_seed)
+    for _ in range(steps):
+        opt.zero_grad()
+        x = torch.randn(16, 6, generator=gen)
+        model(x).square().mean().backward()
+        (step or opt.step)()
+        if sched is not None:
+            sched.step()
+
+
+@pytest.mark.parametrize("lr", [torch.tensor(0.05), torch.tensor([0.05]), torch.tensor([[0.05]], dtype=torch.float64)],
+                         ids=["0-d", "(1,)", "(1,1)-float64"])
+def test_tensor_lr_with_a_scheduler_matches_float_lr(lr):
+    """A one-element tensor lr gives the float lr's trajectory bit for bit, with a scheduler
+    that fill_s it (the group keeps the very tensor it was given)."""
+    m_float, m_tensor = _model(), _model()
+    opt_f = SM3(m_float.parameters(), lr=0.05, momentum=0.5)
+    opt_t = SM3(m_tensor.parameters(), lr=lr, momentum=0.5)
+    sched_f = torch.optim.lr_scheduler.StepLR(opt_f, step_size=2, gamma=0.5)
+    sched_t = torch.optim.lr_scheduler.StepLR(opt_t, step_size=2, gamma=0.5)
+    _train(m_float, opt_f, 6, sched_f)
+    _train(m_tensor, opt_t, 6, sched_t)
+    assert opt_t.param_groups[0]["lr"] is lr
+    assert float(lr.reshape(())) == pytest.approx(0.05 * 0.5 ** 3)
+    for a, b in zip(m_float.parameters(), m_tensor.parameters()):
+        assert a.shape == b.shape
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("optimizer", ["SM3", "FunctionalOptimizer"])
+def test_tensor_lr_with_several_values_is_refused(optimizer):
+    """``lr=torch.tensor([0.1, 100.])`` would scale a parameter's columns differently:
+    a ValueError naming lr and its shape, at construction and at step (nothing changes)."""
+    make = {
+        "SM3": lambda params, lr: SM3(params, lr=lr),
+        "FunctionalOptimizer": lambda params, lr: FunctionalOptimizer(
+            params, lambda lr: sm3fn.sm3(lr), lr=lr),
+    }[optimizer]
+    model = _model()
+    with pytest.raises(ValueError, match=r"lr must be .*one-element tensor.*shape \(2,\)"):
+        make(model.parameters(), torch.tensor([0.1, 100.0]))
+    opt = make(model.parameters(), torch.tensor(0.1))
+    opt.param_groups[0]["lr"] = torch.tensor([0.1, 100.0])
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"shape \(2,\)"):
+        opt.step()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert not opt.state
+
+
+def test_functional_optimizer_one_element_lr_keeps_shapes():
+    """A ``(1, 1)`` tensor lr on a 1-d parameter: the update keeps the parameter's shape
+    (it used to broadcast it to 2-d, a shape error in the copy back)."""
+    bias = torch.nn.Parameter(torch.randn(4))
+    lr = torch.tensor([[0.1]])
+    opt = FunctionalOptimizer([bias], lambda lr: sm3fn.sm3(lr), lr=lr)
+    bias.grad = torch.randn(4)
+    start = bias.detach().clone()
+    opt.step()
+    assert bias.shape == (4,)
+    # a first SM3 step is -lr * sign(g)
+    torch.testing.assert_close(bias.detach(), start - 0.1 * torch.sign(bias.grad))
+
+
+# --------------------------------------------------------------------------- fused=True refusals
+
+
+def _uncovered_cases():
+    yield "meta", lambda: torch.nn.Parameter(torch.randn(3, 4, device="meta")), {}
+    yield "non-contiguous", lambda: torch.nn.Parameter(torch.randn(4, 3).t()), {}
+    yield "float16 statistics", lambda: torch.nn.Parameter(torch.randn(3, 4, dtype=torch.float16)), {
+        "accumulator_dtype": torch.float16}
+
+
+@pytest.mark.parametrize("case", list(_uncovered_cases()), ids=lambda c: c[0])
+def test_fused_true_refuses_uncovered_tensors_and_none_chooses(case):
+    """fused=True on a tensor the fused kernel does not cover: a ValueError naming it,
+    raised before anything is written (a covered group listed first is not stepped
+    either); fused=None steps the same tensor on the blocked path."""
+    name, make, options = case
+    covered = torch.nn.Parameter(torch.randn(5, 2))
+    p = make()
+    covered.grad, p.grad = torch.randn_like(covered), torch.ones_like(p)
+    kept, start = covered.detach().clone(), p.detach().clone()
+    opt = SM3([{"params": [covered]}, {"params": [p]}], fused=True, **options)
+    with pytest.raises(ValueError, match=r"fused=True.*does not cover parameter [01] of shape"):
+        opt.step()
+    assert torch.equal(covered.detach(), kept) and not opt.state
+    opt = SM3([{"params": [covered]}, {"params": [p]}], fused=None, **options)
+    opt.step()
+    assert opt.state[p]["step"] == 1 and not torch.equal(covered.detach(), kept)
+    if p.device.type == "cpu":  # a first step moves every coordinate by -lr * sign(g)
+        torch.testing.assert_close(p.detach().float(), start.float() - 0.1, atol=1e-3, rtol=1e-3)
+
+
+def test_fused_true_refusal_in_sm3_update_changes_nothing():
+    params = {"w": torch.randn(4, 3).t(), "b": torch.randn(4)}
+    grads = {k: torch.randn_like(v) for k, v in params.items()}
+    state = sm3fn.sm3(0.1).init(params)
+    kept_p = {k: v.clone() for k, v in params.items()}
+    kept_s = state.clone()
+    with pytest.raises(ValueError, match="fused=True.*non-contiguous"):
+        sm3fn.sm3_update_(params, grads, state, learning_rate=0.1, fused=True)
+    assert all(torch.equal(params[k], kept_p[k]) for k in params)
+    assert all(torch.equal(state[k], kept_s[k]) for k in state.keys(True, True))
+
+
+# --------------------------------------------------------------------------- torch.compile
+
+
+@pytest.fixture
+def fresh_dynamo():
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+class _Recorder:
+    """A dynamo backend that records every call target of the graphs, then runs them eagerly."""
+
+    def __init__(self):
+        self.targets = []
+
+    def __call__(self, gm, example_inputs):
+        self.targets += [n.target for n in gm.graph.nodes if n.op == "call_function"]
+        return gm.forward
+
+
+@pytest.mark.slow
+def test_compiled_step_is_one_op_fullgraph_and_lr_momentum_changes_do_not_recompile(fresh_dynamo):
+    """torch.compile(opt.step, fullgraph=True): no graph break, the step is the custom op
+    (no traced SM3 math), results equal the eager optimizer's, and 20 steps with a new
+    tensor lr (fill_) and a new float momentum each step compile nothing new."""
+    m_eager, m_comp = _model(), _model()
+    lr_e, lr_c = torch.tensor(0.05), torch.tensor(0.05)
+    opt_e = SM3(m_eager.parameters(), lr=lr_e, momentum=0.5)
+    opt_c = SM3(m_comp.parameters(), lr=lr_c, momentum=0.5)
+    backend = _Recorder()
+    step = torch.compile(opt_c.step, fullgraph=True, backend=backend)
+
+    def schedule(i):
+        for lr, opt in ((lr_e, opt_e), (lr_c, opt_c)):
+            lr.fill_(0.05 / (1 + i))
+            # two values (each a kernel to build until momentum is a run-time kernel argument)
+            opt.param_groups[0]["momentum"] = 0.5 + 0.1 * (i % 2)
+
+    # warm-up: the first step makes the state (one graph), the second steps it, with
+    # momentum already changed (dynamo then takes it as an input, not a constant)
+    for i in range(2):
+        _train(m_eager, opt_e, 1, data_seed=i)
+        _train(m_comp, opt_c, 1, data_seed=i, step=step)
+        schedule(i)
+    graphs = counters["stats"]["unique_graphs"]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for i in range(2, 22):
+            _train(m_eager, opt_e, 1, data_seed=i)
+            _train(m_comp, opt_c, 1, data_seed=i, step=step)
+            schedule(i)
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert torch.ops.sm3fn.sm3_step_.default in backend.targets
+    traced_math = {torch.ops.aten.amax.default, torch.ops.aten.addcmul.default, torch.ops.aten.minimum.default,
+                   torch.amax, torch.addcmul, torch.minimum, torch.Tensor.amax}
+    assert not traced_math & set(backend.targets)
+    for a, b in zip(m_eager.parameters(), m_comp.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    for p_e, p_c in zip(m_eager.parameters(), m_comp.parameters()):
+        for key, value in opt_e.state[p_e].items():
+            torch.testing.assert_close(opt_c.state[p_c][key], value, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_compiled_step_with_torch_scheduler_does_not_recompile(fresh_dynamo):
+    """The issue's case: tensor lr, OneCycleLR (lr and momentum each step), torch.compile(opt.step)
+    with inductor: no recompilation over 20 steps after the first two, eager's numbers."""
+    m_eager, m_comp = _model(), _model()
+    opt_e = SM3(m_eager.parameters(), lr=torch.tensor(0.01), momentum=0.9)
+    opt_c = SM3(m_comp.parameters(), lr=torch.tensor(0.01), momentum=0.9)
+    sched_e = torch.optim.lr_scheduler.OneCycleLR(opt_e, max_lr=0.1, total_steps=30)
+    sched_c = torch.optim.lr_scheduler.OneCycleLR(opt_c, max_lr=0.1, total_steps=30)
+    # after the scheduler wraps opt.step (its wrapper is a frame dynamo skips: SM3.step
+    # itself is compiled)
+    step = torch.compile(opt_c.step)
+    for i in range(2):
+        _train(m_eager, opt_e, 1, sched_e, data_seed=i)
+        _train(m_comp, opt_c, 1, sched_c, data_seed=i, step=step)
+    graphs = counters["stats"]["unique_graphs"]
+    momenta = set()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for i in range(2, 22):
+            _train(m_eager, opt_e, 1, sched_e, data_seed=i)
+            _train(m_comp, opt_c, 1, sched_c, data_seed=i, step=step)
+            momenta.add(opt_c.param_groups[0]["momentum"])
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert len(momenta) == 20  # the scheduler really moved momentum (and lr) every step
+    for a, b in zip(m_eager.parameters(), m_comp.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 
 from sm3fn import _checks, _tree
+from sm3fn._kernels import ops as _ops
 from sm3fn._kernels.blocked import check_kernel_choice, sm3_apply_
 from sm3fn.base import OptState, ScalarOrSchedule, Tree
 from sm3fn.transforms.scaling import COUNT
@@ -29,6 +30,8 @@ def _as_float(name: str, value) -> float:
                 f"for sm3_update_ (use tx.update to differentiate through it), got shape "
                 f"{tuple(value.shape)}, requires_grad={value.requires_grad}"
             )
+        if torch.compiler.is_compiling():
+            return value.reshape(())  # a graph input (float() would break the graph)
         return float(value)
     return float(value)
 
@@ -121,14 +124,18 @@ def sm3_update_(
         _checks.check_scalar("learning_rate(count)", lr, 0.0)
         lr = _as_float("learning_rate(count)", lr) if isinstance(lr, torch.Tensor) else float(lr)
 
-    sm3_apply_(
+    step_args = (
         [p_leaves[path] for path in live],
         [g_leaves[path] for path in live],
         [accs_by_path[path] for path in live],
         [buffers[path] if with_momentum else None for path in live],
-        lr=lr, momentum=momentum_f, beta=beta_f, eps=eps,
-        compiled=compiled, block_elements=block_elements, fused=fused,
     )
+    if _ops.applies(step_args[0] + step_args[1], lr, momentum_f, beta_f):
+        # under torch.compile: one custom op (the eager kernels, not their traced math)
+        _ops.step_(*step_args, lr=lr, momentum=momentum_f, beta=beta_f, eps=eps, fused=fused)
+    else:
+        sm3_apply_(*step_args, lr=lr, momentum=momentum_f, beta=beta_f, eps=eps,
+                   compiled=compiled, block_elements=block_elements, fused=fused)
     if schedule:
         count.add_(1)
 

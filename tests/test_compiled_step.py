@@ -235,14 +235,28 @@ def fresh_dynamo():
 
 
 class _Recorder:
-    """A dynamo backend that records every call target of the graphs, then runs them eagerly."""
+    """A dynamo backend that records the call targets of each graph, then runs it eagerly.
+
+    ``calls`` and ``traces_sm3_math`` look at the last graph compiled: the step as it
+    runs once the state exists (the first graph also makes the state, with its own ops).
+    """
 
     def __init__(self):
-        self.targets = []
+        self.graphs = []
 
     def __call__(self, gm, example_inputs):
-        self.targets += [n.target for n in gm.graph.nodes if n.op == "call_function"]
+        self.graphs.append([n.target for n in gm.graph.nodes if n.op in ("call_function", "call_method")])
         return gm.forward
+
+    def calls(self, op) -> bool:
+        """Whether the graph calls the custom op ``op`` (a packet; dynamo records it or its overload)."""
+        return any(t is op or t is op.default for t in self.graphs[-1])
+
+    def traces_sm3_math(self) -> bool:
+        """Whether the graph holds the SM3 equations' own ops (the blocked math traced)."""
+        math = {torch.amax, torch.addcmul, torch.minimum, torch.sqrt, "amax", "addcmul", "minimum",
+                "sqrt", "addcdiv_", "addcmul_"}
+        return any(t in math for t in self.graphs[-1] if isinstance(t, (str, type(torch.amax))))
 
 
 @pytest.mark.slow
@@ -261,7 +275,7 @@ def test_compiled_step_is_one_op_fullgraph_and_lr_momentum_changes_do_not_recomp
         for lr, opt in ((lr_e, opt_e), (lr_c, opt_c)):
             lr.fill_(0.05 / (1 + i))
             # two values (each a kernel to build until momentum is a run-time kernel argument)
-            opt.param_groups[0]["momentum"] = 0.5 + 0.1 * (i % 2)
+            opt.param_groups[0]["momentum"] = 0.5 + 0.1 * ((i + 1) % 2)
 
     # warm-up: the first step makes the state (one graph), the second steps it, with
     # momentum already changed (dynamo then takes it as an input, not a constant)
@@ -276,10 +290,7 @@ def test_compiled_step_is_one_op_fullgraph_and_lr_momentum_changes_do_not_recomp
             _train(m_comp, opt_c, 1, data_seed=i, step=step)
             schedule(i)
     assert counters["stats"]["unique_graphs"] == graphs
-    assert torch.ops.sm3fn.sm3_step_.default in backend.targets
-    traced_math = {torch.ops.aten.amax.default, torch.ops.aten.addcmul.default, torch.ops.aten.minimum.default,
-                   torch.amax, torch.addcmul, torch.minimum, torch.Tensor.amax}
-    assert not traced_math & set(backend.targets)
+    assert backend.calls(torch.ops.sm3fn.sm3_step_) and not backend.traces_sm3_math()
     for a, b in zip(m_eager.parameters(), m_comp.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     for p_e, p_c in zip(m_eager.parameters(), m_comp.parameters()):
@@ -313,3 +324,70 @@ def test_compiled_step_with_torch_scheduler_does_not_recompile(fresh_dynamo):
     assert len(momenta) == 20  # the scheduler really moved momentum (and lr) every step
     for a, b in zip(m_eager.parameters(), m_comp.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def _tree_pair(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    params = {"w": torch.randn(6, 5, generator=gen), "v": torch.randn(2, 3, 4, generator=gen),
+              "b": torch.randn(5, generator=gen)}
+    grads = [{k: torch.randn(v.shape, generator=gen) for k, v in params.items()} for _ in range(4)]
+    return params, grads
+
+
+@pytest.mark.slow
+def test_compiled_sm3_update_is_one_op_and_a_new_lr_does_not_recompile(fresh_dynamo):
+    """sm3fn.sm3_update_ under torch.compile(fullgraph=True): the in-place op, eager's numbers,
+    one graph while a tensor lr changes."""
+    params, grads = _tree_pair()
+    p_e, p_c = {k: v.clone() for k, v in params.items()}, {k: v.clone() for k, v in params.items()}
+    s_e, s_c = sm3fn.sm3(0.1, momentum=0.9).init(params), sm3fn.sm3(0.1, momentum=0.9).init(params)
+    lr = torch.tensor(0.1)
+
+    def step(p, g, s):
+        sm3fn.sm3_update_(p, g, s, learning_rate=lr, momentum=0.9)
+
+    backend = _Recorder()
+    compiled = torch.compile(step, fullgraph=True, backend=backend)
+    for i, g in enumerate(grads):
+        lr.fill_(0.1 / (1 + i))
+        step(p_e, g, s_e)
+        with torch._dynamo.config.patch(error_on_recompile=i > 0):
+            compiled(p_c, g, s_c)
+    assert counters["stats"]["unique_graphs"] == 1
+    assert backend.calls(torch.ops.sm3fn.sm3_step_) and not backend.traces_sm3_math()
+    for k in params:
+        torch.testing.assert_close(p_c[k], p_e[k], rtol=1e-6, atol=1e-7)
+    for k in s_e.keys(True, True):
+        torch.testing.assert_close(s_c[k], s_e[k], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_compiled_pure_update_is_one_op_and_matches_eager(fresh_dynamo):
+    """tx.update of sm3fn.sm3 under torch.compile(fullgraph=True) with nothing requiring grad:
+    the out-of-place op computes u (momentum and lr stay traced), eager's numbers, the
+    inputs untouched, one graph while a tensor lr changes."""
+    params, grads = _tree_pair(1)
+    lr = torch.tensor(0.1)
+    tx = sm3fn.sm3(lr, momentum=0.9)
+
+    def step(p, s, g):
+        updates, s = tx.update(g, s, p)
+        return sm3fn.apply_updates(p, updates), s
+
+    backend = _Recorder()
+    compiled = torch.compile(step, fullgraph=True, backend=backend)
+    p_e, s_e = params, tx.init(params)
+    p_c, s_c = params, tx.init(params)
+    for i, g in enumerate(grads):
+        lr.fill_(0.1 / (1 + i))
+        s_in, kept = s_c, s_c.clone()
+        p_e, s_e = step(p_e, s_e, g)
+        with torch._dynamo.config.patch(error_on_recompile=i > 0):
+            p_c, s_c = compiled(p_c, s_in, g)
+        assert all(torch.equal(s_in[k], v) for k, v in kept.items(True, True))  # pure: not written
+    assert counters["stats"]["unique_graphs"] == 1
+    assert backend.calls(torch.ops.sm3fn.sm3_step) and not backend.traces_sm3_math()
+    for k in params:
+        torch.testing.assert_close(p_c[k], p_e[k], rtol=1e-6, atol=1e-7)
+    for k in s_e.keys(True, True):
+        torch.testing.assert_close(s_c[k], s_e[k], rtol=1e-6, atol=1e-7)

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 
 from sm3fn import _checks, _tree
-from sm3fn._kernels import sharded as _sharded, sparse as _sparse
+from sm3fn._kernels import ops as _ops, sharded as _sharded, sparse as _sparse
 from sm3fn._sm3_math import init_accumulators, param_shape, sm3_block
 from sm3fn.base import GradientTransformation, OptState, Tree
 
@@ -135,8 +135,14 @@ def scale_by_sm3(
         # DTensors: local maxima of all parameters are all-reduced together, after the loop
         reducer = _sharded.MaxReducer()
         new_updates, new_accs = {}, {}
+        if torch.compiler.is_compiling():
+            # one custom op (the eager kernels, not their traced math) for the dense gradients,
+            # when nothing differentiates through the step
+            new_updates, new_accs = _op_step(grads, accs_by_path, beta, eps)
         for path, g in grads.items():
             accs = accs_by_path[path]
+            if path in new_updates:
+                continue
             if g is None:  # frozen: no update, state kept
                 new_updates[path], new_accs[path] = None, accs
                 continue
@@ -154,6 +160,23 @@ def scale_by_sm3(
         return _tree.unflatten_like(updates, new_updates), accumulator_state(new_accs)
 
     return GradientTransformation(init, update)
+
+
+def _op_step(grads: dict, accs_by_path: dict, beta, eps: float) -> tuple[dict, dict]:
+    """``u`` and the new accumulators of the plain dense gradients, by the out-of-place op.
+
+    Used under ``torch.compile`` only; ``({}, {})`` when anything needs a
+    gradient through the step (:func:`sm3fn._kernels.ops.applies`), the
+    caller then traces the math.  ``lr = -1`` makes the op's update ``u``.
+    """
+    paths = [path for path, g in grads.items()
+             if g is not None and len(accs_by_path[path]) == max(1, g.dim())]  # not a row cover
+    tensors = [grads[p] for p in paths] + [a for p in paths for a in accs_by_path[p]]
+    if not paths or not _ops.applies(tensors, beta):
+        return {}, {}
+    us, new, _ = _ops.step([grads[p] for p in paths], [accs_by_path[p] for p in paths],
+                           [None] * len(paths), lr=-1.0, momentum=0.0, beta=beta, eps=eps)
+    return dict(zip(paths, us)), dict(zip(paths, new))
 
 
 def check_grad(path: _tree.Path, g: torch.Tensor, accs: list[torch.Tensor]) -> None:

@@ -7,19 +7,27 @@ For each shape and parameter dtype (bfloat16: SM3 with float32 statistics,
 Adam with its default, bfloat16 state), SM3's fused sweep, its blocked path (``fused=False``)
 and ``torch.optim.Adam(fused=True)`` step one tensor each, interleaved round
 by round; printed: nanoseconds per element (median) and each step over
-fused Adam's of the same round (median and IQR).  The README's per-element
-and thread figures come from this script.
+fused Adam's of the same round (median and IQR).  The per-element and
+thread figures of docs/speed.md come from this script; what it prints is also
+saved in ``--out`` (default ``benchmarks/out/``) as ``fused_kernel_output.txt``,
+of which docs/fused_kernel_output.txt is the copy the page shows.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from sm3fn._kernels.blocked import sm3_apply_
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _output import DEFAULT_DIR, printed_into  # noqa: E402
+
+from sm3fn._kernels import sm3_step_
 from sm3fn._sm3_math import init_accumulators
 from sm3fn.benchmark import machine
 
@@ -41,8 +49,8 @@ def bench(shape, dtype: torch.dtype, repeats: int) -> dict:
     adam = torch.optim.Adam([adam_p], lr=1e-6, fused=True)
 
     def sm3(fused):
-        return lambda: sm3_apply_([p], [g], [accs], [None], lr=1e-6, momentum=0.0, beta=0.0, eps=1e-30,
-                                  fused=fused)
+        return lambda: sm3_step_([p], [g], [accs], [None], lr=1e-6, momentum=0.0, beta=0.0, eps=1e-30,
+                                 fused=fused)
 
     steps = {"SM3 fused": sm3(True), "SM3 blocked": sm3(False), "Adam fused": adam.step}
     for step in steps.values():  # warm-up: state, kernel build
@@ -65,7 +73,13 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--out", type=Path, default=DEFAULT_DIR, help="folder for the saved output")
     args = ap.parse_args(argv)
+    with printed_into(args.out / "fused_kernel_output.txt"):
+        report(args)
+
+
+def report(args: argparse.Namespace) -> None:
     print(f"machine: {machine().rsplit(', ', 1)[0]}")
     for threads in args.threads:
         torch.set_num_threads(threads)

@@ -1,4 +1,4 @@
-"""Prints the figures quoted in README "Guarantees": sm3fn next to torch-SM3 where it breaks.
+"""Prints the figures quoted in docs/guarantees.md: sm3fn next to torch-SM3 where it breaks.
 
     OMP_NUM_THREADS=1 python benchmarks/reliability_figures.py
 """

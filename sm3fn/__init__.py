@@ -6,40 +6,42 @@
     params = sm3fn.apply_updates(params, updates)
 """
 
-from sm3fn import func
+from sm3fn import (
+    func,
+    optim,  # after the core: the optimizers build on it
+    schedules,
+)
 from sm3fn.alias import sm3
-from sm3fn.inplace import sm3_update_
 from sm3fn.base import (
     GradientTransformation,
     OptState,
-    Schedule,
     ScalarOrSchedule,
+    Schedule,
     Tree,
     apply_updates,
     identity,
 )
-from sm3fn import schedules
 from sm3fn.func import stop_gradient
 from sm3fn.inject import inject_hyperparams
+from sm3fn.inplace import sm3_update_
 from sm3fn.transforms import (
-    apply_if_finite,
     add_decayed_weights,
+    apply_if_finite,
     averaged_params,
     chain,
     clip_by_global_norm,
+    ema,
     global_norm,
     masked,
+    named_chain,
     parameter_averaging,
     partition,
-    ema,
-    named_chain,
     scale,
     scale_by_learning_rate,
     scale_by_schedule,
     scale_by_sm3,
     trace,
 )
-from sm3fn import optim  # after the core: the optimizers build on it
 
 __version__ = "0.1.0"
 

@@ -8,7 +8,7 @@ apart and put it back together in the container it came in.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Iterable, Iterator, Mapping, Optional
 
 import torch
 from tensordict import TensorDict, TensorDictBase
@@ -21,12 +21,17 @@ def fmt(path: Path) -> str:
     return repr(".".join(path))
 
 
+def td_leaves(td: TensorDictBase) -> Iterator[tuple[Path, Any]]:
+    """``(path, leaf)`` of every leaf of a TensorDict, nested keys as path tuples."""
+    for key, value in td.items(include_nested=True, leaves_only=True):
+        yield ((key,) if isinstance(key, str) else tuple(key)), value
+
+
 def flatten(tree: Any, argname: str) -> dict[Path, Optional[torch.Tensor]]:
     """The leaves of ``tree`` by path; ``argname`` names the tree in errors."""
     if isinstance(tree, TensorDictBase):
-        out = {}
-        for key, value in tree.items(include_nested=True, leaves_only=True):
-            path = (key,) if isinstance(key, str) else tuple(key)
+        out: dict[Path, Optional[torch.Tensor]] = {}
+        for path, value in td_leaves(tree):
             if not isinstance(value, torch.Tensor):
                 raise TypeError(
                     f"{argname}[{fmt(path)}] must be a tensor, got {type(value).__name__}"

@@ -38,8 +38,9 @@ def sm3(
       momentum: EMA decay of the preconditioned gradient, in ``[0, 1)``.
       beta: 0 for the paper's sum of squares, ``0 < beta < 1`` for its moving average.
       eps: added to the second moment under the square root, ``>= 0``.
-      accumulator_dtype, momentum_dtype: dtypes of the statistics; default:
-        the parameter's for float32/float64, float32 for narrower floats.
+      accumulator_dtype: dtype of the accumulators; default: the
+        parameter's for float32/float64, float32 for narrower floats.
+      momentum_dtype: dtype of the momentum buffer; the same default.
       sparse: the parameters that get sparse gradients (e.g. from
         ``nn.Embedding(sparse=True)``): dotted names or a predicate
         ``name -> bool``.  They keep only the row accumulator, no momentum

@@ -36,13 +36,15 @@ __all__ = [
     "apply_updates",
 ]
 
-#: A dict (possibly nested) or a TensorDict of tensors; dict leaves may be None.
+# (the string under each alias is its documentation, which the API reference shows)
 Tree = Union[Mapping[str, Any], TensorDictBase]
-#: The state of a transform.
+"""A dict (possibly nested) or a TensorDict of tensors; dict leaves may be None."""
 OptState = TensorDictBase
-#: A schedule maps the step count (an int or a 0-d integer tensor) to a value.
+"""The state of a transform."""
 Schedule = Callable[[Union[int, torch.Tensor]], Union[float, torch.Tensor]]
+"""A schedule maps the step count (an int or a 0-d integer tensor) to a value."""
 ScalarOrSchedule = Union[float, torch.Tensor, Schedule]
+"""A hyperparameter given as a number, a tensor or a schedule."""
 
 
 class InitFn(Protocol):
@@ -74,7 +76,7 @@ def identity() -> GradientTransformation:
         _tree.flatten(params, "params")  # rejects what is not a tree
         return empty_state()
 
-    def update(updates: Tree, state: OptState, params: Optional[Tree] = None):
+    def update(updates: Tree, state: OptState, params: Optional[Tree] = None) -> tuple[Tree, OptState]:
         _tree.flatten(updates, "updates")
         return updates, state
 

@@ -109,7 +109,7 @@ def inject_hyperparams(
                 batch_size=[],
             )
 
-        def update(updates: Tree, state: OptState, params: Optional[Tree] = None):
+        def update(updates: Tree, state: OptState, params: Optional[Tree] = None) -> tuple[Tree, OptState]:
             keys = set(state.keys())
             if keys != {COUNT, HYPERPARAMS, INNER_STATE}:
                 raise ValueError(

@@ -14,8 +14,9 @@ from typing import Optional
 import torch
 
 from sm3fn import _checks, _tree
-from sm3fn._kernels import ops as _ops
-from sm3fn._kernels.blocked import check_kernel_choice, sm3_apply_
+from sm3fn._kernels import check_kernel_choice, sm3_step_
+from sm3fn._kernels import sharded as _sharded
+from sm3fn._kernels import sparse as _sparse
 from sm3fn.base import OptState, ScalarOrSchedule, Tree
 from sm3fn.transforms.scaling import COUNT
 from sm3fn.transforms.sm3 import accumulators_by_param, check_grad
@@ -34,6 +35,11 @@ def _as_float(name: str, value) -> float:
             return value.reshape(())  # a graph input (float() would break the graph)
         return float(value)
     return float(value)
+
+
+def _row_cover_only(accs, buffers, path) -> bool:
+    """A parameter declared sparse in ``sm3fn.sm3(sparse=...)``: the row cover and no buffer."""
+    return _sparse.is_row_cover(accs) and path not in buffers
 
 
 @torch.no_grad()
@@ -62,14 +68,20 @@ def sm3_update_(
     hyperparameters here).  A ``None`` gradient (frozen parameter) leaves
     its parameter and state as they were.  A schedule ``learning_rate`` reads
     and increments the state's step count.  Every argument and key is
-    checked before anything is written.  No gradient flows through this
+    checked before anything is written.  Sparse gradients (the touched rows
+    only, no momentum) and DTensor parameters (FSDP2; one all-reduce per
+    step) are stepped as ``tx.update`` steps them: every entry point goes
+    through one dispatcher, :func:`sm3fn._kernels.sm3_step_`.  No gradient flows through this
     function; use ``tx.update`` for that.
 
     Args:
       params: dict or TensorDict of parameters, updated in place.
       grads: the same keys (``None`` for frozen ones); only read.
       state: the state TensorDict of ``sm3fn.sm3(...)``, updated in place.
-      learning_rate, momentum, beta, eps: as in :func:`sm3fn.sm3`.
+      learning_rate: as in :func:`sm3fn.sm3`.
+      momentum: as in :func:`sm3fn.sm3`.
+      beta: as in :func:`sm3fn.sm3`.
+      eps: as in :func:`sm3fn.sm3`.
       fused: one C++ sweep per CPU tensor it covers (``None``, the
         default: where it can be built; see :class:`sm3fn.optim.SM3`).
       compiled: fuse each block with ``torch.compile`` instead (the first
@@ -98,7 +110,9 @@ def sm3_update_(
     _tree.check_same_keys(g_leaves, accs_by_path, "sm3")
     buffers = _tree.flatten(state.get("momentum"), "momentum state") if with_momentum else {}
     if with_momentum:
-        _tree.check_same_keys(g_leaves, buffers, "momentum")
+        # parameters declared sparse (sm3fn.sm3(sparse=...)) keep no buffer: the row cover
+        _tree.check_same_keys([p for p in g_leaves if not _row_cover_only(accs_by_path[p], buffers, p)],
+                              buffers, "momentum")
     live = [path for path, g in g_leaves.items() if g is not None]
     for path in live:
         g = g_leaves[path]
@@ -109,7 +123,14 @@ def sm3_update_(
                 f"params[{_tree.fmt(path)}] is {'missing' if p is None else f'of shape {tuple(p.shape)}'}, "
                 f"but grads[{_tree.fmt(path)}] has shape {tuple(g.shape)}"
             )
-        if with_momentum and tuple(buffers[path].shape) != tuple(g.shape):
+        _sharded.check_same_kind(
+            "sm3_update_", path, param=p, grad=g, momentum_buffer=buffers.get(path),
+            **{f"accumulator_{i}": a for i, a in enumerate(accs_by_path[path])},
+        )
+        if _sparse.is_sparse(g) and _sharded.is_dtensor(p):
+            raise TypeError(f"grads[{_tree.fmt(path)}] is sparse and params[{_tree.fmt(path)}] a DTensor; "
+                            "sm3_update_ takes sparse gradients of plain tensors only")
+        if path in buffers and tuple(buffers[path].shape) != tuple(g.shape):
             raise ValueError(
                 f"the momentum buffer of {_tree.fmt(path)} has shape {tuple(buffers[path].shape)}, "
                 f"but grads[{_tree.fmt(path)}] has shape {tuple(g.shape)}"
@@ -120,22 +141,19 @@ def sm3_update_(
             raise ValueError(f"a schedule learning_rate needs state['learning_rate'][{COUNT!r}]; "
                              "the state was made without a schedule")
         count = lr_state.get(COUNT)
-        lr = learning_rate(count)
-        _checks.check_scalar("learning_rate(count)", lr, 0.0)
-        lr = _as_float("learning_rate(count)", lr) if isinstance(lr, torch.Tensor) else float(lr)
+        assert callable(learning_rate)  # what `schedule` says, spelled so that mypy sees it
+        scheduled = learning_rate(count)
+        _checks.check_scalar("learning_rate(count)", scheduled, 0.0)
+        lr = _as_float("learning_rate(count)", scheduled) if isinstance(scheduled, torch.Tensor) else float(scheduled)
 
-    step_args = (
+    sm3_step_(
         [p_leaves[path] for path in live],
         [g_leaves[path] for path in live],
         [accs_by_path[path] for path in live],
-        [buffers[path] if with_momentum else None for path in live],
+        [buffers.get(path) for path in live],
+        lr=lr, momentum=momentum_f, beta=beta_f, eps=eps,
+        compiled=compiled, block_elements=block_elements, fused=fused,
     )
-    if _ops.applies(step_args[0] + step_args[1], lr, momentum_f, beta_f):
-        # under torch.compile: one custom op (the eager kernels, not their traced math)
-        _ops.step_(*step_args, lr=lr, momentum=momentum_f, beta=beta_f, eps=eps, fused=fused)
-    else:
-        sm3_apply_(*step_args, lr=lr, momentum=momentum_f, beta=beta_f, eps=eps,
-                   compiled=compiled, block_elements=block_elements, fused=fused)
     if schedule:
         count.add_(1)
 

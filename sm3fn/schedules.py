@@ -215,6 +215,7 @@ def join(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> Schedule:
                 if step >= b:
                     start, piece = b, nxt
             return piece(step - start)
+        assert isinstance(step, torch.Tensor)  # not was_int: a tensor step
         out = torch.as_tensor(schedules[0](step))
         for b, piece in zip(boundaries, schedules[1:]):
             out = torch.where(step >= b, torch.as_tensor(piece(step - b)), out)

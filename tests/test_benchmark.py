@@ -1,4 +1,8 @@
-"""The benchmark runs end to end (a smoke test: figures live in its output, not in asserts)."""
+"""The benchmarks run end to end (smoke tests: figures live in their output, not in asserts)."""
+
+import os
+import runpy
+import sys
 
 import pytest
 
@@ -34,3 +38,38 @@ def _numel(shape):
     for n in shape:
         out *= n
     return out
+
+
+BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+
+
+def _run_script(script, args, monkeypatch):
+    """Runs a script of benchmarks/ in this process (torch is already imported)."""
+    monkeypatch.setattr(sys, "argv", [script, *args])
+    return runpy.run_path(os.path.join(BENCHMARKS, script), run_name="__main__")
+
+
+@pytest.mark.slow
+def test_sparse_step_prints_and_saves_its_ratio(tmp_path, monkeypatch, capsys):
+    _run_script("sparse_step.py", ["--rows", "20000", "--repeats", "2", "--out", str(tmp_path)], monkeypatch)
+    out = capsys.readouterr().out
+    assert "sparse step / dense step" in out
+    saved = (tmp_path / "sparse_step_output.txt").read_text()
+    assert "sparse step / dense step" in saved and saved in out
+
+
+def test_optimizer_step_saves_the_output_and_plot_where_asked(tmp_path, monkeypatch, capsys):
+    calls = []
+
+    def fake_main(argv):  # the measurement itself is test_benchmark_quick_runs's
+        calls.append(argv)
+        print("a table")
+        return ["results"]
+
+    monkeypatch.setattr(benchmark, "main", fake_main)
+    _run_script("optimizer_step.py", ["--quick", "--out", str(tmp_path)], monkeypatch)
+    _run_script("optimizer_step.py", ["--quick", "--out", str(tmp_path / "b"), "--plot", "x.png"], monkeypatch)
+    assert calls == [["--quick", "--plot", str(tmp_path / "benchmark.png")], ["--quick", "--plot", "x.png"]]
+    assert (tmp_path / "benchmark_output.txt").read_text() == "a table\n"
+    assert (tmp_path / "b" / "benchmark_output.txt").read_text() == "a table\n"
+    assert capsys.readouterr().out.count("a table") == 2

@@ -66,19 +66,21 @@ def test_ops_match_float64_reference(momentum, beta, fused):
             assert torch.equal(a, b)
 
 
-def test_out_of_place_op_leaves_its_inputs_and_gives_u_with_lr_minus_one():
-    """``lr = -1`` makes the update ``u`` itself; the state it was given is not touched."""
+def test_out_of_place_op_without_lr_gives_u_and_leaves_its_inputs():
+    """``lr`` None makes the update ``u`` itself, as scale_by_sm3's; the state it was given is
+    not touched, and a None gradient keeps its state."""
     rng = np.random.default_rng(3)
     g = torch.tensor(random_gradient(rng, (4, 5)), dtype=torch.float32)
     accs = [a + 0.5 for a in init_accumulators(g, torch.float32)]
     kept = [a.clone() for a in accs]
-    (u,), (new,), _ = ops.step([g], [accs], [None], lr=-1.0, momentum=0.0, beta=0.0, eps=1e-30)
+    (u, none), (new, same), _ = ops.step([g, None], [accs, kept], beta=0.0, eps=1e-30)
     state = sm3fn.scale_by_sm3().init({"w": g})
     state["w", "accumulator_0"], state["w", "accumulator_1"] = accs
     want, want_state = sm3fn.scale_by_sm3().update({"w": g}, state)
     torch.testing.assert_close(u, want["w"])
     torch.testing.assert_close(new[1], want_state["w", "accumulator_1"])
     assert all(torch.equal(a, b) for a, b in zip(accs, kept))
+    assert none is None and same[0] is kept[0]
 
 
 def test_opcheck_both_ops():
@@ -101,8 +103,8 @@ def test_ops_refuse_mismatched_lists():
         torch.ops.sm3fn.sm3_step_([p], [p], accs, [], [1], torch.tensor(0.1), torch.tensor(0.0),
                                   torch.tensor(0.0), 1e-30, None)
     with pytest.raises(ValueError, match="momentum_buffers"):
-        ops.step_([p, p], [p, p], [accs, accs], [torch.zeros_like(p), None], lr=0.1, momentum=0.5,
-                  beta=0.0, eps=1e-30)
+        torch.ops.sm3fn.sm3_step([p, p], accs + accs, [torch.zeros_like(p)], [2, 2], None, None,
+                                 torch.tensor(0.0), 1e-30, None)
 
 
 # --------------------------------------------------------------------------- tensor lr
@@ -201,7 +203,7 @@ def test_fused_true_refuses_uncovered_tensors_and_none_chooses(case):
     covered.grad, p.grad = torch.randn_like(covered), torch.ones_like(p)
     kept, start = covered.detach().clone(), p.detach().clone()
     opt = SM3([{"params": [covered]}, {"params": [p]}], fused=True, **options)
-    with pytest.raises(ValueError, match=r"fused=True.*does not cover parameter [01] of shape"):
+    with pytest.raises(ValueError, match=r"fused=True.*does not cover parameter [01] of shape \(\d+, \d+\) \("):
         opt.step()
     assert torch.equal(covered.detach(), kept) and not opt.state
     opt = SM3([{"params": [covered]}, {"params": [p]}], fused=None, **options)

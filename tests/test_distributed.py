@@ -606,3 +606,37 @@ def _toolbox(rank, world_size):
 
 def test_toolbox_transforms_on_dtensors_match_unsharded(ranks):
     ranks.run(_toolbox)
+
+
+# --------------------------------------------------------------------------- one dispatcher, four entry points
+
+
+def _entry_points_on_dtensors(rank, world_size, momentum):
+    """The four entry points (tests/entry_points.py) on DTensor leaves, sharded along several
+    dims (an empty shard included), against tx.update on the unsharded tensors."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    from entry_points import ENTRY_POINTS
+
+    mesh = init_device_mesh("cpu", (world_size,))
+    layout = {"rows": ((5, 3), [Shard(0)]), "cols": ((4, 5), [Shard(1)]), "empty": ((1, 4), [Shard(0)]),
+              "vector": ((7,), [Shard(0)]), "replicated": ((2, 3), [Replicate()])}
+    rng = np.random.default_rng(5)
+    plain0 = {k: torch.tensor(rng.standard_normal(s)) for k, (s, _) in layout.items()}
+    plain_grads = [{k: torch.tensor(random_gradient(rng, s)) for k, (s, _) in layout.items()} for _ in range(3)]
+    want_p, want_a = ENTRY_POINTS["tx.update"](plain0, plain_grads, LR, momentum, 0.0)
+    params0 = {k: distribute_tensor(v, mesh, layout[k][1]) for k, v in plain0.items()}
+    grads = [{k: distribute_tensor(g[k], mesh, layout[k][1]) for k in g} for g in plain_grads]
+    for name, run in ENTRY_POINTS.items():
+        got_p, got_a = run(params0, grads, LR, momentum, 0.0)
+        for k in layout:
+            torch.testing.assert_close(_full(got_p[k]), want_p[k], rtol=1e-12, atol=1e-12,
+                                       msg=lambda m: f"{name} {k}: {m}")
+            torch.testing.assert_close(_full(got_a[k]).reshape(-1), want_a[k].reshape(-1), rtol=1e-12, atol=0,
+                                       msg=lambda m: f"{name} {k} accumulator_0: {m}")
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_every_entry_point_steps_dtensors_alike(ranks, momentum):
+    ranks.run(_entry_points_on_dtensors, momentum)

@@ -40,12 +40,6 @@ def test_train_regular_runs_the_drop_in_loop(monkeypatch, capsys):
 
 
 @pytest.mark.slow
-def test_sparse_benchmark_prints_its_ratio(monkeypatch, capsys):
-    out = _run("sparse_benchmark.py", ["--rows", "20000", "--repeats", "2"], monkeypatch, capsys)
-    assert "%" in out
-
-
-@pytest.mark.slow
 def test_sparse_bag_of_words_reports_memory(monkeypatch, capsys):
     out = _run("sparse_bag_of_words.py", [], monkeypatch, capsys)
     assert "MiB" in out

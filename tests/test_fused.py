@@ -18,7 +18,7 @@ import torch
 
 import sm3fn
 from sm3fn._kernels import fused_cpu as _fused
-from sm3fn._kernels.blocked import sm3_apply_
+from sm3fn._kernels import sm3_step_
 from sm3fn._sm3_math import init_accumulators
 from sm3fn.optim import SM3
 from reference import ReferenceSM3, random_gradient
@@ -57,7 +57,7 @@ def test_fused_matches_float64_reference(shape, momentum, beta, dtype):
     for _ in range(steps):
         g = _exact(random_gradient(rng, shape) * 10.0 ** rng.integers(-3, 3), dtype)
         ref.step(g)
-        sm3_apply_([p], [torch.tensor(g).to(dtype)], [accs], [m], lr=0.07, momentum=momentum,
+        sm3_step_([p], [torch.tensor(g).to(dtype)], [accs], [m], lr=0.07, momentum=momentum,
                    beta=beta, eps=1e-30, fused=True)
     rtol, atol = (1e-10, 1e-12) if dtype == torch.float64 else (2e-5, 1e-6)
     if dtype in (torch.float32, torch.float64):
@@ -82,7 +82,7 @@ def _run(fused, shapes, momentum, beta, dtype=torch.float32, steps=3, seed=0):
             if len(s) >= 2:
                 g[torch.randint(s[0], (), generator=gen)] = 0  # a row with no gradient
             grads.append(g)
-        sm3_apply_(params, grads, [a for a, _ in state], [m for _, m in state],
+        sm3_step_(params, grads, [a for a, _ in state], [m for _, m in state],
                    lr=0.05, momentum=momentum, beta=beta, eps=1e-30, fused=fused)
     return params, state
 
@@ -133,7 +133,7 @@ def test_nonfinite_gradients_spread_as_in_the_blocked_path():
         g = torch.randn(6, 20, generator=torch.Generator().manual_seed(2))
         g[1, 3] = float("nan")
         g[4, 17] = 1e20
-        sm3_apply_([p], [g], [accs], [None], lr=0.1, momentum=0.0, beta=0.0, eps=1e-30, fused=fused)
+        sm3_step_([p], [g], [accs], [None], lr=0.1, momentum=0.0, beta=0.0, eps=1e-30, fused=fused)
         results.append((p, accs))
     (pf, af), (pb, ab) = results
     assert torch.isnan(af[0][1]).all() and torch.isnan(af[1][0, 3])
@@ -205,11 +205,11 @@ def test_uncovered_tensors_take_the_blocked_path():
             if fused:
                 kept = q.clone()
                 with pytest.raises(ValueError, match="fused=True, but the fused SM3 kernel does not cover"):
-                    sm3_apply_([q], [g], [accs], [None], lr=0.1, momentum=0.0, beta=0.0, eps=1e-30,
+                    sm3_step_([q], [g], [accs], [None], lr=0.1, momentum=0.0, beta=0.0, eps=1e-30,
                                fused=fused)
                 assert torch.equal(q, kept) and not any(a.any() for a in accs)
                 continue
-            sm3_apply_([q], [g], [accs], [None], lr=0.1, momentum=0.0, beta=0.0, eps=1e-30, fused=fused)
+            sm3_step_([q], [g], [accs], [None], lr=0.1, momentum=0.0, beta=0.0, eps=1e-30, fused=fused)
             got.append((q, accs))
         assert torch.equal(got[0][0], got[1][0])
         assert all(torch.equal(a, b) for a, b in zip(got[0][1], got[1][1]))
@@ -285,7 +285,7 @@ def test_tracer_refuses_what_it_cannot_express():
 def test_generated_source_comes_from_the_math_functions(monkeypatch):
     """The kernel's arithmetic is traced from _sm3_math: change precondition there and
     the generated C++ changes with it (no second copy to forget)."""
-    plain = _fused.source(torch.float32, torch.float32, 2, 0.0, 0.0, 1e-30)
+    plain = _fused.source(torch.float32, torch.float32, 2, False, True)
     monkeypatch.setattr(_fused, "precondition", lambda g, nu, eps: torch.div(g, torch.sqrt(nu)))
-    changed = _fused.source(torch.float32, torch.float32, 2, 0.0, 0.0, 1e-30)
+    changed = _fused.source(torch.float32, torch.float32, 2, False, True)
     assert plain != changed and "blendv" in plain and "blendv" not in changed

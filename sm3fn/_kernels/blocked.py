@@ -1,7 +1,7 @@
 """The in-place fast path: one SM3 step applied straight to parameters.
 
-Used by :class:`sm3fn.optim.SM3` and by :func:`sm3fn.sm3_update_` (functional
-users who need no gradient through the step).  It calls the same
+One backend of the dispatcher :func:`sm3fn._kernels.sm3_step_` (which
+:class:`sm3fn.optim.SM3` and :func:`sm3fn.sm3_update_` call).  It calls the same
 :func:`~sm3fn._sm3_math.sm3_block` as the differentiable path, so the two
 cannot drift apart, and it allocates nothing the size of a parameter:
 
@@ -24,11 +24,10 @@ cannot drift apart, and it allocates nothing the size of a parameter:
 * ``compiled=True`` runs the same block step through ``torch.compile``
   (inductor fuses it into one C++/Triton kernel per block); compiling costs
   seconds once per configuration (dims, dtypes, momentum on/off, beta, eps).
-* ``fused`` (the default ``None``: wherever it applies) hands CPU tensors
-  (float32/float64, and bfloat16/float16 with float32 statistics) to
-  :mod:`sm3fn._kernels.fused_cpu`, one C++ sweep per tensor whose arithmetic is traced
-  from the same ``_sm3_math`` functions; every other tensor takes the blocks
-  above.
+* CPU tensors the fused kernel covers do not come here: the dispatcher
+  (:func:`sm3fn._kernels.sm3_step_`) hands them to :mod:`sm3fn._kernels.fused_cpu`;
+  this module is the path for every other dense tensor (any device, dtype,
+  layout) and for every step under tracing.
 """
 
 from __future__ import annotations
@@ -38,7 +37,6 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from sm3fn._kernels import fused_cpu as _fused
 from sm3fn._sm3_math import ema, nu_positive, sm3_block
 
 #: elements per block (eager): a block's ~7 passes (min, addcmul, two maxima,
@@ -92,7 +90,8 @@ def _block_step(
     for r, new in zip(running, maxima):
         torch.maximum(r, new, out=r)
     if fold:  # u is the denominator sqrt(nu + eps)
-        p.addcdiv_(g, u, value=-lr)
+        # a 0-d tensor lr (the compiled path's) is a valid Scalar at run time; torch's stubs say Number only
+        p.addcdiv_(g, u, value=-lr)  # type: ignore[arg-type]
         return
     if m is not None:
         u = ema(m, u.to(m.dtype), momentum, out=m)
@@ -126,7 +125,6 @@ def sm3_apply_(
     eps: float,
     block_elements: Optional[int] = None,
     compiled: bool = False,
-    fused: Optional[bool] = False,
 ) -> None:
     """In place: ``p -= lr * (ema of u if momentum else u)`` for each parameter.
 
@@ -138,20 +136,9 @@ def sm3_apply_(
     smaller), never a parameter-sized one (default: :data:`BLOCK_ELEMENTS`,
     or :data:`COMPILED_BLOCK_ELEMENTS` when compiled).  ``compiled=True``
     fuses each block's step with ``torch.compile`` (opt-in: the first call
-    compiles, seconds per configuration).  ``fused=True`` sweeps each CPU
-    tensor the kernel of :mod:`sm3fn._kernels.fused_cpu` covers (float32/float64, and
-    bfloat16/float16 with float32 statistics) once with it (the
-    first call per configuration builds it, about a second); ``None`` does
-    so where the kernel can be built and falls back, with one warning, where
-    it cannot.  Tensors it does not cover (other dtypes and devices,
-    non-contiguous) take the blocked path with ``fused=None``, and are a
-    ``ValueError`` with ``fused=True`` (:func:`refuse_uncovered`, before any
-    write); every step under tracing takes the blocked path.
+    compiles, seconds per configuration).  Plain dense tensors only: the
+    dispatcher routes sparse gradients, DTensors and the fused kernel's tensors.
     """
-    use_fused = _use_fused(fused, compiled)
-    if fused is True:
-        for j, (p, g, accs, m) in enumerate(zip(params, grads, accumulators, momentum_buffers)):
-            refuse_uncovered(p, g, accs, m, f"parameter {j}")
     if block_elements is None:
         # compiled with momentum, inductor keeps a block-sized copy of the new
         # buffer, so the block stays at the eager size there
@@ -165,18 +152,9 @@ def sm3_apply_(
     step = _compiled() if compiled else _block_step
     scratch = _Scratch(block_elements, compiled)
     small: dict[tuple, list[int]] = {}
-    swept = _fused_kernels(use_fused, fused is True, params, grads, accumulators, momentum_buffers,
-                           momentum, beta, eps)
-    if swept:
-        # a float lr stays a double (as_tensor alone would round it to float32)
-        lr64 = (lr.detach().to("cpu", torch.float64) if isinstance(lr, torch.Tensor)
-                else torch.tensor(float(lr), dtype=torch.float64))
     for j, (p, g, accs, m) in enumerate(zip(params, grads, accumulators, momentum_buffers)):
         if g.numel() == 0:
             continue  # nothing to step, and its accumulators cover nothing
-        if j in swept:
-            _fused.sweep_(swept[j], p, g, accs, m, lr64)
-            continue
         if g.dim() <= 1 and g.numel() <= block_elements:
             key = (g.device, g.dtype, p.dtype, accs[0].dtype, None if m is None else m.dtype)
             small.setdefault(key, []).append(j)
@@ -193,70 +171,12 @@ def sm3_apply_(
             )
 
 
-def check_kernel_choice(fused: Optional[bool], compiled: bool) -> None:
-    """``fused`` (None or a bool) and ``compiled`` (a bool), not both True."""
-    if fused is not None and not isinstance(fused, bool):
-        raise TypeError(f"fused must be a bool or None, got {fused!r}")
-    if not isinstance(compiled, bool):
-        raise TypeError(f"compiled must be a bool, got {compiled!r}")
-    if fused and compiled:
-        raise ValueError("fused=True and compiled=True exclude each other: pick one kernel")
-
-
-def refuse_uncovered(p: torch.Tensor, g: torch.Tensor, accs: Sequence[torch.Tensor],
-                     m: Optional[torch.Tensor], name: str = "a parameter") -> None:
-    """``fused=True`` on a tensor the fused kernel does not cover: a ``ValueError`` naming it.
-
-    As ``torch.optim.Adam(fused=True)`` refuses what its kernel cannot step,
-    rather than taking another path unasked; ``fused=None`` chooses per
-    tensor.  Asks :func:`fused_cpu.supported` (what the kernel covers is its
-    business); runs before anything is written.
-    """
-    if g.numel() == 0 or _fused.supported(p, g, accs, m):
-        return
-    raise ValueError(
-        f"fused=True, but the fused SM3 kernel does not cover {name}: "
-        f"{type(p).__name__} of shape {tuple(p.shape)}, dtype {p.dtype}, device {p.device}, "
-        f"layout {g.layout}, {'' if p.is_contiguous() and g.is_contiguous() else 'non-'}contiguous, "
-        f"gradient dtype {g.dtype}, statistics dtype {accs[0].dtype}; it steps plain contiguous CPU "
-        "tensors (float32/float64 with statistics of their dtype, bfloat16/float16 with float32 "
-        "statistics). Pass fused=None to let each tensor take the path that covers it."
-    )
-
-
-def _use_fused(fused: Optional[bool], compiled: bool) -> bool:
-    """Whether to try the fused kernel: False under tracing, or once ``None`` gave up building it."""
-    check_kernel_choice(fused, compiled)
-    if fused is False or compiled or torch.compiler.is_compiling():
-        return False
-    return fused is True or _fused.unavailable is None
-
-
-def _fused_kernels(use, strict, params, grads, accumulators, momentum_buffers, momentum, beta, eps) -> dict:
-    """The tensors the fused kernel steps: index -> its kernel, built.
-
-    Every kernel is built before any tensor is written, so a build that fails
-    (``strict``: ``fused=True``) raises with everything as it was; otherwise
-    the blocked path takes every tensor, and later steps do not try again.
-    """
-    if not use:
-        return {}
-    try:
-        return {j: _fused.build(g, accs, m, momentum, beta, eps)
-                for j, (p, g, accs, m) in enumerate(zip(params, grads, accumulators, momentum_buffers))
-                if g.numel() and _fused.supported(p, g, accs, m)}
-    except _fused.BuildError as e:
-        if strict:
-            raise
-        _fused.give_up(e)
-        return {}
-
-
 class _Scratch:
     """Block-sized buffers, made on first use and shared by every tensor of a step."""
 
     def __init__(self, block_elements: int, compiled: bool):
-        self.size, self.compiled, self.bufs = block_elements, compiled, {}
+        self.size, self.compiled = block_elements, compiled
+        self.bufs: dict[tuple, torch.Tensor] = {}
 
     def get(self, name: str, n: int, like: torch.Tensor, dtype: torch.dtype) -> Optional[torch.Tensor]:
         """A flat buffer of ``n`` elements, or None under compile (which needs none)."""
@@ -271,7 +191,8 @@ class _Scratch:
 
 def _packs(members: list[int], sizes: list[int], capacity: int):
     """Consecutive groups of ``members`` whose sizes add up to at most ``capacity``."""
-    pack, used = [], 0
+    pack: list[int] = []
+    used = 0
     for j, n in zip(members, sizes):
         if pack and used + n > capacity:
             yield pack

@@ -19,8 +19,17 @@ The C++ template below holds only loads, stores, the loop over rows and the
 running maxima (``a_i = max of nu over every dim but i``).  The source is
 compiled by inductor's C++ code cache (:class:`CppPythonBindingsCodeCache`:
 the same compiler, flags and on-disk cache as ``torch.compile``), once per
-configuration (dtypes, number of dims, beta, eps and momentum, 0 for none);
-``lr`` is read at run time, so a schedule does not recompile.
+configuration: dtypes, number of dims, momentum on or off, ``beta == 0`` or
+not, and the mode (in place, or the pure update of ``sm3fn.sm3`` or of
+``scale_by_sm3``).  ``lr``, ``momentum``, ``beta`` and ``eps`` are read at run
+time (:class:`_Hyper`), so a schedule of any of them (``OneCycleLR`` cycles
+momentum every step) builds nothing.
+
+Out of place (the pure ``tx.update``, :func:`sweep`) the same sweep reads
+``g`` (and ``m``) and writes the update (and the new ``m``) to fresh tensors,
+without reading or writing the parameter, and the new accumulators to fresh
+small tensors: ``sm3fn.sm3``'s whole step, ``scale_by_sm3``, the momentum and
+``-lr``, in one pass.
 
 The sweep (``k >= 2`` dims): the tensor is seen as ``rows x m`` (``m`` the
 last dim).  For each row, every element's ``nu``, ``u``, momentum and new
@@ -37,6 +46,7 @@ from __future__ import annotations
 
 import threading
 import warnings
+from collections import OrderedDict
 from typing import Optional, Sequence
 
 import torch
@@ -67,7 +77,7 @@ class _Sym:
     blocked path), rather than generating something else.
     """
 
-    def __init__(self, trace: "_Trace", name: str, dtype: torch.dtype):
+    def __init__(self, trace: _Trace, name: str, dtype: torch.dtype):
         self.trace, self.name, self.dtype = trace, name, dtype
 
     @classmethod
@@ -99,6 +109,53 @@ for _name, _func in {"ne": torch.ne, "eq": torch.eq, "mul": torch.mul, "add": to
         setattr(_Sym, f"__r{_name}__", _operator(_func, reflected=True))
 
 
+class _Hyper:
+    """A hyperparameter read at run time: a C++ ``double`` expression over ``hp[0..3]``.
+
+    ``lr``, ``momentum``, ``beta`` and ``eps`` are kernel arguments, not baked
+    into the code (a schedule that changes them every step builds nothing).
+    Arithmetic with Python numbers stays in double, as Python computes
+    ``1 - beta`` before ATen sees it; used as an operand of a traced call, the
+    value is rounded to the statistics dtype, as ATen rounds a Python scalar.
+    ``nonzero``: the value is known to be > 0 (the kernel is built for that
+    case), so the math's ``beta == 0`` branch can be answered at trace time.
+    """
+
+    def __init__(self, expr: str, nonzero: bool = False):
+        self.expr, self.nonzero = expr, nonzero
+
+    # torch looks for the protocol on every argument; the call is recorded by the
+    # trace of the symbolic value it is combined with
+    __torch_function__ = _Sym.__torch_function__
+
+    def _combine(self, other, op: str, reflected: bool = False) -> _Hyper:
+        if isinstance(other, bool) or not isinstance(other, (int, float, _Hyper)):
+            return NotImplemented
+        o = other.expr if isinstance(other, _Hyper) else f"{float(other).hex()}"
+        return _Hyper(f"({o} {op} {self.expr})" if reflected else f"({self.expr} {op} {o})")
+
+    def __add__(self, other): return self._combine(other, "+")
+    def __radd__(self, other): return self._combine(other, "+", reflected=True)
+    def __sub__(self, other): return self._combine(other, "-")
+    def __rsub__(self, other): return self._combine(other, "-", reflected=True)
+    def __mul__(self, other): return self._combine(other, "*")
+    def __rmul__(self, other): return self._combine(other, "*", reflected=True)
+    def __neg__(self): return _Hyper(f"(-{self.expr})", self.nonzero)
+
+    def __eq__(self, other):
+        if self.nonzero and not isinstance(other, bool) and other == 0:
+            return False
+        raise NotImplementedError("the fused kernel cannot branch on a run-time hyperparameter")
+
+    def __ne__(self, other):
+        return not self.__eq__(other)
+
+    def __bool__(self):
+        raise NotImplementedError("the fused kernel cannot branch on a run-time hyperparameter")
+
+    __hash__ = object.__hash__
+
+
 def _flat(args, kwargs):
     for a in list(args) + list(kwargs.values()):
         if isinstance(a, (list, tuple)):
@@ -111,7 +168,8 @@ class _Trace:
     """Records the C++ lines of one traced computation (SSA: one ``auto tN`` per call)."""
 
     def __init__(self, dtype: torch.dtype):
-        self.dtype, self.lines, self.count = dtype, [], 0
+        self.dtype, self.count = dtype, 0
+        self.lines: list[str] = []
 
     def input(self, name: str) -> _Sym:
         return _Sym(self, name, self.dtype)
@@ -120,6 +178,8 @@ class _Trace:
         """C++ for an operand: a symbol's name, or a Python number as an exact vector constant."""
         if isinstance(x, _Sym):
             return x.name
+        if isinstance(x, _Hyper):  # rounded once to the statistics dtype, as ATen rounds a scalar
+            return f"V(static_cast<scalar_t>({x.expr}))"
         if isinstance(x, bool) or not isinstance(x, (int, float)):
             raise NotImplementedError(f"the fused kernel cannot trace the operand {x!r}")
         # a hex literal is exact; the cast rounds as ATen's scalar-to-dtype cast does
@@ -171,10 +231,18 @@ class _Trace:
             return self.emit(f"at::vec::clamp_max({v(args[0])}, {v(high)})")
         if func in (torch.lerp, torch.Tensor.lerp) and not kwargs:
             start, end, weight = args
+            if isinstance(weight, _Hyper):
+                # ATen's vectorized lerp (LerpKernel.cpp): the weight rounded to the dtype,
+                # then one fused multiply-add from the nearer end (so that weight 0 and 1
+                # are exact); which end is a run-time select on the weight
+                w = self.emit(self.value(weight))
+                diff = self.emit(f"{v(end)} - {v(start)}")
+                return self.emit(f"(std::abs(static_cast<scalar_t>({weight.expr})) < static_cast<scalar_t>(0.5)) ? "
+                                 f"at::vec::fmadd({w.name}, {diff.name}, {v(start)}) : "
+                                 f"at::vec::fmadd({w.name} - {v(1)}, {diff.name}, {v(end)})")
             if not isinstance(weight, (int, float)):
                 raise NotImplementedError("the fused kernel traces lerp with a number weight only")
-            # ATen's vectorized lerp (LerpKernel.cpp): one fused multiply-add from the
-            # nearer end, so that weight 0 and 1 are exact; the branch is taken here
+            # a weight known when tracing (not used by the kernels, whose weight is run time)
             if abs(weight) < 0.5:
                 return self.emit(f"at::vec::fmadd({v(weight)}, {v(end)} - {v(start)}, {v(start)})")
             return self.emit(f"at::vec::fmadd({v(weight)} - {v(1)}, {v(end)} - {v(start)}, {v(end)})")
@@ -186,26 +254,47 @@ def _no_more(func, kwargs):
         raise NotImplementedError(f"the fused kernel cannot trace {func.__name__} with {sorted(kwargs)}")
 
 
-def _body(dtype: torch.dtype, k: int, momentum: float, beta: float, eps: float) -> tuple[str, str]:
+#: what a kernel writes: ``p`` in place (the optimizer's step), or fresh tensors for
+#: the pure ``tx.update``: ``-lr * (ema of u, or u)`` (``sm3fn.sm3``) or ``u`` (``scale_by_sm3``)
+MODES = ("inplace", "sm3", "u")
+
+
+def _body(dtype: torch.dtype, k: int, with_momentum: bool, beta_zero: bool, mode: str) -> tuple[str, str]:
     """Traced C++ for one vector of elements, and for saturating one vector of maxima.
 
-    Inputs (C++ names): ``g_``, ``p_``, ``m_`` (momentum buffer), ``lr``, and
-    ``a0_ ... a{k-1}_`` (accumulator values broadcast to the vector; ``a0_``
-    alone for 0-d/1-d).  Outputs: ``nu_o``, ``p_o``, ``m_o`` and, for 0-d/1-d,
-    ``acc_o``.  The second string turns ``x_`` (maxima) into ``sat_o``.
+    Inputs (C++ names): ``g_``, ``p_`` (in place only), ``m_`` (momentum
+    buffer), ``a0_ ... a{k-1}_`` (accumulator values broadcast to the vector;
+    ``a0_`` alone for 0-d/1-d), and the run-time hyperparameters
+    ``hp[0..3]`` = lr, momentum, beta, eps (:class:`_Hyper`).  Outputs:
+    ``nu_o``, ``p_o`` (the new parameter in place, the update out of place),
+    ``m_o`` and, for 0-d/1-d, ``acc_o``.  The second string turns ``x_``
+    (maxima) into ``sat_o``.  Out of place the values are rounded to the
+    parameter dtype (``round_p``) where ``sm3fn.sm3``'s chain of transforms
+    rounds them (``u.to(g.dtype)`` after each stage), so both give the same numbers.
     """
+    lr, momentum, eps = _Hyper("hp[0]"), _Hyper("hp[1]"), _Hyper("hp[3]")
+    beta = 0.0 if beta_zero else _Hyper("hp[2]", nonzero=True)
     t = _Trace(dtype)
-    g, p, lr = t.input("g_"), t.input("p_"), t.input("lr")
+    g = t.input("g_")
     accs = [t.input(f"a{i}_") for i in range(max(k, 1))]
     nu = second_moment(g, cover_minimum(accs), beta)
     u = precondition(g, nu, eps)
     lines_out = [f"auto nu_o = {nu.name};"]
-    if momentum:
+    if mode != "inplace":
+        u = t.emit(f"round_p({u.name})")  # scale_by_sm3's u.to(g.dtype)
+    if with_momentum:
         u = ema(t.input("m_"), u, momentum)
         lines_out.append(f"auto m_o = {u.name};")
-    # p.add_(u, alpha=-lr), as ATen computes it: one fused multiply-add
-    new_p = t.emit(f"at::vec::fmadd({u.name}, V(0) - {lr.name}, {p.name})")
-    lines_out.append(f"auto p_o = {new_p.name};")
+        if mode != "inplace":
+            u = t.emit(f"round_p({u.name})")  # ema's out.to(u.dtype)
+    if mode == "inplace":
+        # p.add_(u, alpha=-lr), as ATen computes it: one fused multiply-add
+        out = t.emit(f"at::vec::fmadd({u.name}, V(0) - {t.value(lr)}, p_)")
+    elif mode == "sm3":
+        out = torch.mul(u, -lr)  # scale_by_learning_rate: u * -lr
+    else:
+        out = u
+    lines_out.append(f"auto p_o = {out.name};")
     if k <= 1:  # the accumulator is nu itself, saturated (cover_maxima of a 1-d nu is nu)
         lines_out.append(f"auto acc_o = {saturate(nu).name};")
     body = "\n".join(t.lines + lines_out)
@@ -242,22 +331,31 @@ static inline void store_p(param_t* ptr, const V& v, int64_t n) {{
         at::vec::convert<param_t>(v).store(ptr, n);
     }}
 }}
+// a value rounded to the parameter dtype and widened again (``.to(param dtype)``)
+static inline V round_p(const V& v) {{
+    if constexpr (std::is_same_v<param_t, scalar_t>) return v;
+    else return at::vec::convert<scalar_t>(at::vec::convert<param_t>(v));
+}}
 """
 
-# A tensor of k >= 2 dims as rows x m (m: its last dim); acc0..acc{k-1}: its accumulators.
+# A tensor of k >= 2 dims as rows x m (m: its last dim).  In place, p_in == p_out,
+# m_in == m_out and ain{d} == aout{d}: the new accumulators are written only after the
+# sweep, from the running maxima, so every row reads the old ones.
 _SWEEP_ROWS = """
-extern "C" void kernel(const param_t* g, param_t* p, scalar_t* mom, {acc_params},
-                       const double* lr_ptr, {shape_params}, const int64_t nthreads,
+extern "C" void kernel(const param_t* g, const param_t* p_in, param_t* p_out,
+                       const scalar_t* m_in, scalar_t* m_out, {acc_params},
+                       const double* hp_arg, {shape_params}, const int64_t nthreads,
                        scalar_t* running)
 {{
     constexpr int K = {k};
-    scalar_t* acc[K] = {{{acc_names}}};
+    const double hp[4] = {{hp_arg[0], hp_arg[1], hp_arg[2], hp_arg[3]}};  // lr, momentum, beta, eps
+    const scalar_t* acc[K] = {{{acc_in_names}}};
+    scalar_t* acc_out[K] = {{{acc_out_names}}};
     const int64_t shape[K] = {{{shape_names}}};
     const int64_t m = shape[K - 1];
     int64_t rows = 1, total = 0, offset[K];
     for (int d = 0; d < K; ++d) {{ offset[d] = total; total += shape[d]; }}
     for (int d = 0; d < K - 1; ++d) rows *= shape[d];
-    const V lr(static_cast<scalar_t>(lr_ptr[0]));
     const scalar_t lowest = -std::numeric_limits<scalar_t>::infinity();
     // running maxima of nu, one set per thread: [a_0 | a_1 | ... | a_{{K-1}}]
     // (``running`` holds nthreads * total numbers, allocated by the caller)
@@ -272,17 +370,19 @@ extern "C" void kernel(const param_t* g, param_t* p, scalar_t* mom, {acc_params}
             for (int d = K - 2; d >= 0; --d) {{ index[d] = rest % shape[d]; rest /= shape[d]; }}
 {lead_loads}
             const param_t* gq = g + q * m;
-            param_t* pq = p + q * m;
-            scalar_t* mq = mom + q * m;
+            const param_t* pq = p_in + q * m;
+            param_t* oq = p_out + q * m;
+            const scalar_t* mq = m_in + q * m;
+            scalar_t* moq = m_out + q * m;
             V row_max(lowest);
             int64_t j = 0;
             for (; j + V::size() <= m; j += V::size()) {{
                 auto g_ = load_p(gq + j, V::size());
-                auto p_ = load_p(pq + j, V::size());
+                auto p_ = {load_p_full};
                 auto m_ = {load_m_full};
                 auto a{last}_ = V::loadu(acc[K - 1] + j);
 {body}
-                store_p(pq + j, p_o, V::size());
+                store_p(oq + j, p_o, V::size());
                 {store_m_full}
                 row_max = at::vec::maximum(row_max, nu_o);
                 at::vec::maximum(V::loadu(col + j), nu_o).store(col + j);
@@ -290,11 +390,11 @@ extern "C" void kernel(const param_t* g, param_t* p, scalar_t* mom, {acc_params}
             if (j < m) {{
                 const int64_t n = m - j;
                 auto g_ = load_p(gq + j, n);
-                auto p_ = load_p(pq + j, n);
+                auto p_ = {load_p_tail};
                 auto m_ = {load_m_tail};
                 auto a{last}_ = V::loadu(acc[K - 1] + j, n);
 {body}
-                store_p(pq + j, p_o, n);
+                store_p(oq + j, p_o, n);
                 {store_m_tail}
                 auto live = V::set(V(lowest), nu_o, n);  // lanes past the row end stay out of the maxima
                 row_max = at::vec::maximum(row_max, live);
@@ -315,18 +415,20 @@ extern "C" void kernel(const param_t* g, param_t* p, scalar_t* mom, {acc_params}
             const int64_t n = std::min<int64_t>(V::size(), shape[d] - i);
             auto x_ = V::loadu(running + offset[d] + i, n);
 {saturate}
-            sat_o.store(acc[d] + i, n);
+            sat_o.store(acc_out[d] + i, n);
         }}
     }}
 }}
 """
 
-# A 0-d/1-d tensor: elementwise, its accumulator is full-size.
+# A 0-d/1-d tensor: elementwise, its accumulator is full-size (each element reads its
+# own old value before writing the new one, so in place ain0 == aout0 is safe).
 _SWEEP_FLAT = """
-extern "C" void kernel(const param_t* g, param_t* p, scalar_t* mom, scalar_t* a0,
-                       const double* lr_ptr, const int64_t numel, const int64_t nthreads)
+extern "C" void kernel(const param_t* g, const param_t* p_in, param_t* p_out,
+                       const scalar_t* m_in, scalar_t* m_out, const scalar_t* ain0, scalar_t* aout0,
+                       const double* hp_arg, const int64_t numel, const int64_t nthreads)
 {{
-    const V lr(static_cast<scalar_t>(lr_ptr[0]));
+    const double hp[4] = {{hp_arg[0], hp_arg[1], hp_arg[2], hp_arg[3]}};  // lr, momentum, beta, eps
     #pragma omp parallel num_threads(nthreads)
     {{
         const int64_t tid = omp_get_thread_num();
@@ -335,13 +437,13 @@ extern "C" void kernel(const param_t* g, param_t* p, scalar_t* mom, scalar_t* a0
         for (int64_t j = vectors * tid / nthreads * V::size(); j < end; j += V::size()) {{
             const int64_t n = std::min<int64_t>(V::size(), end - j);
             auto g_ = load_p(g + j, n);
-            auto p_ = load_p(p + j, n);
-            auto m_ = {load_m_tail};
-            auto a0_ = V::loadu(a0 + j, n);
+            auto p_ = {load_p_flat};
+            auto m_ = {load_m_flat};
+            auto a0_ = V::loadu(ain0 + j, n);
 {body}
-            store_p(p + j, p_o, n);
-            {store_m_tail}
-            acc_o.store(a0 + j, n);
+            store_p(p_out + j, p_o, n);
+            {store_m_flat}
+            acc_o.store(aout0 + j, n);
         }}
     }}
 }}
@@ -352,27 +454,34 @@ def _indent(text: str, spaces: int) -> str:
     return "\n".join(" " * spaces + line for line in text.splitlines())
 
 
-def source(param_dtype: torch.dtype, dtype: torch.dtype, k: int, momentum: float, beta: float,
-           eps: float) -> str:
+def source(param_dtype: torch.dtype, dtype: torch.dtype, k: int, with_momentum: bool, beta_zero: bool,
+           mode: str = "inplace") -> str:
     """The C++ source of the kernel for one configuration (see the module docstring).
 
-    ``dtype`` is the statistics dtype, in which everything is computed.
+    ``dtype`` is the statistics dtype, in which everything is computed;
+    ``mode`` one of :data:`MODES`.
     """
-    body, sat = _body(dtype, k, momentum, beta, eps)
-    with_m = bool(momentum)
+    body, sat = _body(dtype, k, with_momentum, beta_zero, mode)
+    in_place = mode == "inplace"
     fields = dict(
-        load_m_full="V::loadu(mq + j)" if with_m else "V(0)",
-        load_m_tail="V::loadu({} + j, n)".format("mq" if k >= 2 else "mom") if with_m else "V(0)",
-        store_m_full="m_o.store(mq + j);" if with_m else "",
-        store_m_tail="m_o.store({} + j, n);".format("mq" if k >= 2 else "mom") if with_m else "",
+        load_p_full="load_p(pq + j, V::size())" if in_place else "V(0)",
+        load_p_tail="load_p(pq + j, n)" if in_place else "V(0)",
+        load_p_flat="load_p(p_in + j, n)" if in_place else "V(0)",
+        load_m_full="V::loadu(mq + j)" if with_momentum else "V(0)",
+        load_m_tail="V::loadu(mq + j, n)" if with_momentum else "V(0)",
+        load_m_flat="V::loadu(m_in + j, n)" if with_momentum else "V(0)",
+        store_m_full="m_o.store(moq + j);" if with_momentum else "",
+        store_m_tail="m_o.store(moq + j, n);" if with_momentum else "",
+        store_m_flat="m_o.store(m_out + j, n);" if with_momentum else "",
     )
     prelude = _PRELUDE.format(ptype=PARAMS[param_dtype], ctype=STATISTICS[dtype])
     if k <= 1:
         return prelude + _SWEEP_FLAT.format(body=_indent(body, 12), **fields)
     return prelude + _SWEEP_ROWS.format(
         k=k, last=k - 1,
-        acc_params=", ".join(f"scalar_t* acc{i}" for i in range(k)),
-        acc_names=", ".join(f"acc{i}" for i in range(k)),
+        acc_params=", ".join([f"const scalar_t* ain{i}" for i in range(k)] + [f"scalar_t* aout{i}" for i in range(k)]),
+        acc_in_names=", ".join(f"ain{i}" for i in range(k)),
+        acc_out_names=", ".join(f"aout{i}" for i in range(k)),
         shape_params=", ".join(f"const int64_t n{i}" for i in range(k)),
         shape_names=", ".join(f"n{i}" for i in range(k)),
         lead_loads=_indent("\n".join(f"auto a{i}_ = V(acc[{i}][index[{i}]]);" for i in range(k - 1)), 12),
@@ -380,7 +489,11 @@ def source(param_dtype: torch.dtype, dtype: torch.dtype, k: int, momentum: float
     )
 
 
-_kernels: dict[tuple, object] = {}
+#: built kernels by configuration, least recently used first.  The key holds only what
+#: changes the generated code (dtypes, rank, momentum on/off, beta zero or not, mode),
+#: so a training run needs a handful; the bound keeps a long-lived process from growing.
+_kernels: OrderedDict[tuple, object] = OrderedDict()
+MAX_KERNELS = 64
 _lock = threading.Lock()
 #: why the kernel cannot be built here (set by :func:`give_up`), or None
 unavailable: Optional[str] = None
@@ -395,39 +508,47 @@ def give_up(error: BuildError) -> None:
     global unavailable
     if unavailable is None:
         unavailable = str(error)
-        warnings.warn(f"{error}; SM3 steps take the blocked path", RuntimeWarning, stacklevel=4)
+        warnings.warn(f"{error}; SM3 steps take the blocked path", RuntimeWarning, stacklevel=5)
 
 
-def build(g: torch.Tensor, accs: Sequence[torch.Tensor], m: Optional[torch.Tensor],
-          momentum: float, beta: float, eps: float):
-    """The kernel that steps ``g``'s parameter, built (or taken from the caches) now."""
-    return _kernel(g.dtype, accs[0].dtype, g.dim(), momentum if m is not None else 0.0, beta, eps)
+def build(g: torch.Tensor, accs: Sequence[torch.Tensor], m: Optional[torch.Tensor], beta: float,
+          mode: str = "inplace"):
+    """The kernel that steps ``g``'s parameter (in place, or the pure ``mode``), built now or cached.
+
+    Only ``beta == 0`` or not enters the key: ``beta == 0`` is the sum of
+    squares (``min a + g*g``), ``beta > 0`` the moving average
+    (``beta * min a + (1 - beta) * g*g``), a different formula rather than
+    another value (``beta = 0`` in the second would drop the accumulators).
+    """
+    return _kernel(g.dtype, accs[0].dtype, max(g.dim(), 1), m is not None, float(beta) == 0.0, mode)
 
 
-def _kernel(param_dtype: torch.dtype, dtype: torch.dtype, k: int, momentum: float, beta: float, eps: float):
-    # 0-d and 1-d: one kernel
-    key = (param_dtype, dtype, max(k, 1), float(momentum), float(beta), float(eps))
-    kernel = _kernels.get(key)
-    if kernel is None:
-        with _lock:
-            kernel = _kernels.get(key)
-            if kernel is None:
-                from torch._inductor.codecache import CppPythonBindingsCodeCache
+def _kernel(param_dtype: torch.dtype, dtype: torch.dtype, k: int, with_momentum: bool, beta_zero: bool,
+            mode: str):
+    key = (param_dtype, dtype, k, with_momentum, beta_zero, mode)
+    with _lock:
+        kernel = _kernels.get(key)
+        if kernel is not None:
+            _kernels.move_to_end(key)
+            return kernel
+        from torch._inductor.codecache import CppPythonBindingsCodeCache
 
-                pointers = ["const param_t*", "param_t*", "scalar_t*"]  # g, p, momentum
-                if key[2] <= 1:
-                    argtypes = pointers + ["scalar_t*", "const double*", "const int64_t", "const int64_t"]
-                else:
-                    argtypes = (pointers + ["scalar_t*"] * k + ["const double*"]
-                                + ["const int64_t"] * (k + 1) + ["scalar_t*"])
-                try:
-                    kernel = CppPythonBindingsCodeCache.load_pybinding(argtypes, source(*key))
-                except Exception as e:  # no compiler, or one that fails: say what to do
-                    raise BuildError(
-                        "the fused SM3 kernel is built with torch.compile's C++ compiler, and that "
-                        f"failed ({type(e).__name__}: {e}); pass fused=False for the blocked path"
-                    ) from e
-                _kernels[key] = kernel
+        pointers = ["const param_t*", "const param_t*", "param_t*", "const scalar_t*", "scalar_t*"]
+        accs = ["const scalar_t*"] * k + ["scalar_t*"] * k
+        if k <= 1:
+            argtypes = pointers + accs + ["const double*", "const int64_t", "const int64_t"]
+        else:
+            argtypes = pointers + accs + ["const double*"] + ["const int64_t"] * (k + 1) + ["scalar_t*"]
+        try:
+            kernel = CppPythonBindingsCodeCache.load_pybinding(argtypes, source(*key))
+        except Exception as e:  # no compiler, or one that fails: say what to do
+            raise BuildError(
+                "the fused SM3 kernel is built with torch.compile's C++ compiler, and that "
+                f"failed ({type(e).__name__}: {e}); pass fused=False for the blocked path"
+            ) from e
+        _kernels[key] = kernel
+        while len(_kernels) > MAX_KERNELS:
+            _kernels.popitem(last=False)
     return kernel
 
 
@@ -443,7 +564,11 @@ def supported(p: torch.Tensor, g: torch.Tensor, accs: Sequence[torch.Tensor],
     for float32/float64, float32 for bfloat16/float16 (see :data:`PARAMS`);
     plain tensors only (no DTensor or other subclass).
     """
+    if len(accs) != max(1, g.dim()):
+        return False  # a row-cover state (sparse gradients before) on a dense gradient
     stats = accs[0].dtype
+    if p is None:  # out of place: the update is made in the gradient's dtype
+        p = g
     if p.dtype not in PARAMS or g.dtype != p.dtype:
         return False
     if stats != (p.dtype if p.dtype in STATISTICS else torch.float32):
@@ -455,22 +580,61 @@ def supported(p: torch.Tensor, g: torch.Tensor, accs: Sequence[torch.Tensor],
     return all(t.dtype == stats for t in accs) and (m is None or m.dtype == stats)
 
 
+def hyperparameters(lr, momentum, beta, eps) -> torch.Tensor:
+    """The kernels' run-time arguments: ``[lr, momentum, beta, eps]`` as a float64 CPU tensor.
+
+    Doubles, as Python keeps them: the kernel rounds each to the statistics
+    dtype where ATen would round the Python scalar.  ``lr`` may be a tensor.
+    """
+    if isinstance(lr, torch.Tensor):
+        lr = lr.detach().to("cpu", torch.float64).reshape(())
+        return torch.cat([lr.reshape(1), torch.tensor([float(momentum), float(beta), float(eps)],
+                                                      dtype=torch.float64)])
+    return torch.tensor([float(lr), float(momentum), float(beta), float(eps)], dtype=torch.float64)
+
+
+def _threads(g: torch.Tensor) -> int:
+    threads = 1 if g.numel() < _PARALLEL_MIN_ELEMENTS else torch.get_num_threads()
+    return threads if g.dim() <= 1 else max(1, min(threads, g.numel() // g.shape[-1]))
+
+
+def _run(kernel, g, p_in, p_out, m_in, m_out, accs_in, accs_out, hp) -> None:
+    threads = _threads(g)
+    if g.dim() <= 1:
+        kernel(g, p_in, p_out, m_in, m_out, accs_in[0], accs_out[0], hp, g.numel(), threads)
+    else:
+        # the threads' running maxima: sum(shape) numbers each, SM3's own state size
+        running = torch.empty(threads * sum(g.shape), dtype=accs_in[0].dtype)
+        kernel(g, p_in, p_out, m_in, m_out, *accs_in, *accs_out, hp, *g.shape, threads, running)
+
+
 def sweep_(kernel, p: torch.Tensor, g: torch.Tensor, accs: Sequence[torch.Tensor],
-           m: Optional[torch.Tensor], lr: torch.Tensor) -> None:
+           m: Optional[torch.Tensor], hp: torch.Tensor) -> None:
     """One SM3 step on ``p`` in place (accumulators and ``m`` too): one sweep, see the module docstring.
 
-    ``kernel`` is :func:`build`'s for this tensor; ``lr`` a 0-d float64 CPU
-    tensor.  The caller checks :func:`supported` and skips tensors with no
-    elements.
+    ``kernel`` is :func:`build`'s for this tensor; ``hp`` the float64 CPU
+    tensor of :func:`hyperparameters`.  The caller checks :func:`supported`
+    and skips tensors with no elements.
     """
-    threads = 1 if g.numel() < _PARALLEL_MIN_ELEMENTS else torch.get_num_threads()
     mom = m if m is not None else accs[0]  # never read or written without momentum
-    if g.dim() <= 1:
-        kernel(g, p, mom, accs[0], lr, g.numel(), threads)
-    else:
-        threads = max(1, min(threads, g.numel() // g.shape[-1]))
-        # the threads' running maxima: sum(shape) numbers each, SM3's own state size
-        running = torch.empty(threads * sum(g.shape), dtype=accs[0].dtype)
-        kernel(g, p, mom, *accs, lr, *g.shape, threads, running)
+    _run(kernel, g, p, p, mom, mom, accs, accs, hp)
     # written through raw pointers: tell autograd, as an ATen in-place op would
     torch.autograd.graph.increment_version([p, *accs] if m is None else [p, *accs, m])
+
+
+def sweep(kernel, g: torch.Tensor, accs: Sequence[torch.Tensor], m: Optional[torch.Tensor],
+          hp: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], Optional[torch.Tensor]]:
+    """One pure SM3 step: ``(update, new accumulators, new momentum buffer)``, all fresh tensors.
+
+    ``kernel`` is :func:`build`'s with a pure mode; nothing passed in is
+    written.  One sweep reads ``g`` (and ``m``) once and writes the update
+    (and the new ``m``) once; the outputs are made with ``torch.empty``
+    (every element is written, so no zero-fill pass).
+    """
+    update = torch.empty_like(g, memory_format=torch.contiguous_format)
+    new_accs = [torch.empty_like(a, memory_format=torch.contiguous_format) for a in accs]
+    new_m = None if m is None else torch.empty_like(m, memory_format=torch.contiguous_format)
+    mom_in = m if m is not None else accs[0]  # never read without momentum
+    mom_out = new_m if new_m is not None else new_accs[0]  # never written without momentum
+    _run(kernel, g, g, update, mom_in, mom_out, accs, new_accs, hp)
+    return update, new_accs, new_m

@@ -1,32 +1,33 @@
 """The SM3 step as ``torch.library`` custom ops, so that ``torch.compile`` sees one opaque op.
 
-Traced by dynamo, the eager in-place step (:func:`sm3fn._kernels.blocked.sm3_apply_`)
-would be unrolled into its blocked math (the fused C++ sweep cannot be traced);
-behind a custom op the compiled graph calls the very kernel the eager step
-runs, with no graph break.  Two ops, namespace ``sm3fn``:
+Traced by dynamo, the dispatcher (:mod:`sm3fn._kernels.dispatch`) would
+unroll the step into its blocked or reference math (the fused C++ sweep
+cannot be traced); behind a custom op the compiled graph calls the very
+kernels the eager step runs, with no graph break.  Two ops, namespace ``sm3fn``:
 
 * ``torch.ops.sm3fn.sm3_step_(params, grads, accumulators, momentum_buffers,
-  counts, lr, momentum, beta, eps, fused)``: one in-place step of a whole
-  list of parameters (``p -= lr * (m or u)``; accumulators and momentum
-  buffers updated), returns nothing;
+  counts, lr, momentum, beta, eps, fused)``: one in-place step of a list of
+  parameters (``p -= lr * (m or u)``; accumulators and momentum buffers
+  updated); returns nothing.  Its eager body is the dispatcher's
+  :func:`~sm3fn._kernels.dispatch.sm3_step_`.
 * ``torch.ops.sm3fn.sm3_step(grads, accumulators, momentum_buffers, counts,
   lr, momentum, beta, eps, fused) -> (updates, new_accumulators,
-  new_momentum_buffers)``: the same step out of place; ``updates[j]`` is
-  ``-lr * (m or u)`` in the gradient's dtype (``lr = -1`` gives ``u``).
+  new_momentum_buffers)``: the same step out of place; ``lr`` None makes the
+  update ``u`` (``scale_by_sm3``), else ``-lr * (m or u)``.  Its eager body is
+  :func:`~sm3fn._kernels.dispatch.sm3_step`.
 
 Both take each parameter's accumulators flattened into one list
 (``counts[j]`` of them for parameter ``j``), ``momentum_buffers`` empty (no
 momentum) or one per parameter, and ``lr``, ``momentum`` and ``beta`` as
 0-d tensors: a value that changes is a graph input, not a constant dynamo
 guards on, so a scheduler does not recompile (:func:`hyperparameter` makes
-such a tensor from a float).  ``eps`` is a float (it selects a kernel).
-Each op has a fake (meta) implementation for tracing; there is no autograd
-formula (the differentiable path traces :mod:`sm3fn._sm3_math` instead).
+such a tensor from a float).  ``eps`` is a float.  Each op has a fake (meta)
+implementation for tracing; neither has an autograd formula (a step that
+must be differentiable traces :mod:`sm3fn._sm3_math` instead).
 
-:func:`step_` and :func:`step` are the Python entry points, on the nested
-lists the rest of sm3fn uses; :func:`applies` says whether the ops take a
-call under ``torch.compile`` (plain dense tensors, nothing that needs a
-gradient through the step).
+The dispatcher calls :func:`step_` / :func:`step` (same arguments as its own
+functions) when :func:`applies` says so: while compiling, on plain dense
+tensors, with nothing that needs a gradient through the step.
 """
 
 from __future__ import annotations
@@ -35,8 +36,6 @@ from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor
-
-from sm3fn._kernels import blocked as _blocked
 
 _Number = Union[float, Tensor]
 
@@ -80,6 +79,23 @@ def _check_lists(n: int, counts: Sequence[int], accumulators: Sequence[Tensor],
         raise ValueError(f"counts {list(counts)} cover {sum(counts)} accumulators, got {len(accumulators)}")
 
 
+def _dispatch():
+    from sm3fn._kernels import dispatch  # it imports this module
+
+    return dispatch
+
+
+def _fresh(outputs: list[Tensor], inputs: Sequence[Tensor]) -> list[Tensor]:
+    """Outputs contiguous (as the fake implementation says) and sharing no storage with an input
+    (a custom op's outputs must not alias its inputs)."""
+    taken = {t.untyped_storage().data_ptr() for t in inputs}
+    out = []
+    for t in outputs:
+        t = t.contiguous()
+        out.append(t.clone() if t.untyped_storage().data_ptr() in taken else t)
+    return out
+
+
 @torch.library.custom_op("sm3fn::sm3_step_", mutates_args=("params", "accumulators", "momentum_buffers"))
 def _sm3_step_(
     params: list[Tensor],
@@ -94,11 +110,11 @@ def _sm3_step_(
     fused: Optional[bool],
 ) -> None:
     _check_lists(len(params), counts, accumulators, momentum_buffers)
-    # the eager in-place step: the fused sweep where it covers a tensor, the blocks elsewhere
-    _blocked.sm3_apply_(
+    # the eager in-place step: the dispatcher's fused sweep or blocks, as an eager call takes
+    _dispatch().sm3_step_(
         params, grads, _nested(accumulators, counts),
         list(momentum_buffers) if momentum_buffers else [None] * len(params),
-        # a CPU lr as a float: the numbers of the eager optimizer's float lr, bit for bit
+        # a CPU lr as a float: the eager optimizer's float lr, bit for bit
         lr=_as_float(lr) if lr.device.type == "cpu" else lr,
         momentum=_as_float(momentum), beta=_as_float(beta), eps=eps, fused=fused,
     )
@@ -115,40 +131,48 @@ def _sm3_step(
     accumulators: list[Tensor],
     momentum_buffers: list[Tensor],
     counts: list[int],
-    lr: Tensor,
-    momentum: Tensor,
+    lr: Optional[Tensor],
+    momentum: Optional[Tensor],
     beta: Tensor,
     eps: float,
     fused: Optional[bool],
 ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
     _check_lists(len(grads), counts, accumulators, momentum_buffers)
-    # the in-place step on fresh buffers: a zero "parameter" ends up holding -lr * (m or u)
-    updates = [torch.zeros_like(g) for g in grads]
-    new_accs = [a.clone() for a in accumulators]
-    new_moms = [m.clone() for m in momentum_buffers]
-    _sm3_step_(updates, grads, new_accs, new_moms, counts, lr, momentum, beta, eps, fused)
-    return updates, new_accs, new_moms
+    updates, new_accs, new_moms = _dispatch().sm3_step(
+        grads, _nested(accumulators, counts),
+        list(momentum_buffers) if momentum_buffers else None,
+        beta=_as_float(beta), eps=eps,
+        momentum=None if momentum is None else _as_float(momentum),
+        lr=None if lr is None else (_as_float(lr) if lr.device.type == "cpu" else lr),
+        fused=fused,
+    )
+    inputs = [*grads, *accumulators, *momentum_buffers]
+    return (_fresh(updates, inputs), _fresh([a for accs in new_accs for a in accs], inputs),
+            _fresh(new_moms, inputs) if momentum_buffers else [])
+
+
+def _empty(t: Tensor) -> Tensor:
+    return torch.empty_like(t, memory_format=torch.contiguous_format)
 
 
 @_sm3_step.register_fake
 def _sm3_step_fake_out(grads, accumulators, momentum_buffers, counts, lr, momentum, beta, eps, fused):
     _check_lists(len(grads), counts, accumulators, momentum_buffers)
-    return ([torch.empty_like(g) for g in grads], [torch.empty_like(a) for a in accumulators],
-            [torch.empty_like(m) for m in momentum_buffers])
+    return [_empty(g) for g in grads], [_empty(a) for a in accumulators], [_empty(m) for m in momentum_buffers]
 
 
-def _flatten(accumulators: Sequence[Sequence[Tensor]], momentum_buffers: Sequence[Optional[Tensor]]):
-    counts = [len(accs) for accs in accumulators]
-    flat = [a for accs in accumulators for a in accs]
-    present = [m is not None for m in momentum_buffers]
-    if any(present) and not all(present):
-        raise ValueError("momentum_buffers must be all tensors or all None for one op call")
-    return flat, (list(momentum_buffers) if any(present) else []), counts
+def _calls(grads: Sequence[Optional[Tensor]], momentum_buffers: Sequence[Optional[Tensor]]) -> list[list[int]]:
+    """The parameters one op call takes: those with a gradient, split by whether they keep a
+    momentum buffer (an op call takes buffers for all its parameters or for none)."""
+    live = [j for j, g in enumerate(grads) if g is not None]
+    groups = [[j for j in live if momentum_buffers[j] is not None],
+              [j for j in live if momentum_buffers[j] is None]]
+    return [group for group in groups if group]
 
 
 def step_(
     params: Sequence[Tensor],
-    grads: Sequence[Tensor],
+    grads: Sequence[Optional[Tensor]],
     accumulators: Sequence[Sequence[Tensor]],
     momentum_buffers: Sequence[Optional[Tensor]],
     *,
@@ -158,35 +182,55 @@ def step_(
     eps: float,
     fused: Optional[bool] = None,
 ) -> None:
-    """``torch.ops.sm3fn.sm3_step_`` on :func:`sm3fn._kernels.blocked.sm3_apply_`'s arguments.
+    """``torch.ops.sm3fn.sm3_step_`` on :func:`sm3fn._kernels.sm3_step_`'s arguments.
 
-    ``momentum_buffers`` must be all tensors or all ``None``.
+    A ``None`` gradient skips its parameter; parameters with and without a
+    momentum buffer take one op call each.
     """
-    flat, moms, counts = _flatten(accumulators, momentum_buffers)
-    torch.ops.sm3fn.sm3_step_(list(params), list(grads), flat, moms, counts, hyperparameter(lr),
-                              hyperparameter(momentum), hyperparameter(beta), float(eps), fused)
+    hyper = (hyperparameter(lr), hyperparameter(momentum), hyperparameter(beta), float(eps), fused)
+    for js in _calls(grads, momentum_buffers):
+        moms = [momentum_buffers[j] for j in js if momentum_buffers[j] is not None]
+        torch.ops.sm3fn.sm3_step_([params[j] for j in js], [grads[j] for j in js],
+                                  [a for j in js for a in accumulators[j]], moms,
+                                  [len(accumulators[j]) for j in js], *hyper)
 
 
 def step(
-    grads: Sequence[Tensor],
+    grads: Sequence[Optional[Tensor]],
     accumulators: Sequence[Sequence[Tensor]],
-    momentum_buffers: Sequence[Optional[Tensor]],
+    momentum_buffers: Optional[Sequence[Optional[Tensor]]] = None,
     *,
-    lr: _Number,
-    momentum: _Number,
+    lr: Optional[_Number] = None,
+    momentum: Optional[_Number] = None,
     beta: _Number,
     eps: float,
     fused: Optional[bool] = None,
-) -> tuple[list[Tensor], list[list[Tensor]], list[Optional[Tensor]]]:
-    """``torch.ops.sm3fn.sm3_step``: ``(updates, new accumulators per parameter, new momentum buffers)``.
+) -> tuple[list[Optional[Tensor]], list[list[Tensor]], list[Optional[Tensor]]]:
+    """``torch.ops.sm3fn.sm3_step``, as :func:`sm3fn._kernels.sm3_step`: ``(updates, new
+    accumulators, new momentum buffers)``; the inputs are not changed.
 
-    ``updates[j] = -lr * (m or u)``; the inputs are not changed.
+    ``lr`` None: the update is ``u``; else ``-lr * (ema of u where a buffer
+    is given, else u)``.  A ``None`` gradient gives a ``None`` update and its
+    state as it was.
     """
-    flat, moms, counts = _flatten(accumulators, momentum_buffers)
-    updates, new_flat, new_moms = torch.ops.sm3fn.sm3_step(
-        list(grads), flat, moms, counts, hyperparameter(lr), hyperparameter(momentum),
-        hyperparameter(beta), float(eps), fused)
-    return updates, _nested(new_flat, counts), (list(new_moms) if moms else [None] * len(grads))
+    n = len(grads)
+    buffers = list(momentum_buffers) if momentum_buffers is not None else [None] * n
+    updates: list[Optional[Tensor]] = [None] * n
+    new_accs = [list(a) for a in accumulators]
+    new_moms = list(buffers)
+    hyper = (None if lr is None else hyperparameter(lr),
+             None if momentum is None or lr is None else hyperparameter(momentum),
+             hyperparameter(beta), float(eps), fused)
+    for js in _calls(grads, buffers):
+        counts = [len(accumulators[j]) for j in js]
+        moms = [buffers[j] for j in js if buffers[j] is not None]
+        us, flat, ms = torch.ops.sm3fn.sm3_step([grads[j] for j in js],
+                                                [a for j in js for a in accumulators[j]], moms, counts, *hyper)
+        for i, (j, accs) in enumerate(zip(js, _nested(flat, counts))):
+            updates[j], new_accs[j] = us[i], accs
+            if moms:
+                new_moms[j] = ms[i]
+    return updates, new_accs, new_moms
 
 
 def applies(tensors: Sequence[Optional[Tensor]], *hyperparameters: object) -> bool:

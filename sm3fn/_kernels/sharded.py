@@ -12,7 +12,7 @@ dimension, so:
   across the shard group makes it the global one.  It is stored replicated.
 
 Each rank runs the ordinary SM3 math (:func:`sm3fn._sm3_math.sm3_block`, or
-the in-place :func:`sm3fn._kernels.blocked.sm3_apply_`) on its local shards; the
+the dispatcher's in-place step on :func:`local_shards`) on its local shards; the
 partial maxima of all parameters of a step are packed into one flat buffer
 per process group and dtype, so a step costs **one** ``all_reduce`` in all,
 carrying ``sum(n_i for i != s)`` numbers per sharded parameter of two or
@@ -33,13 +33,12 @@ import torch
 import torch.distributed as dist
 
 from sm3fn import _tree
-from sm3fn._kernels.blocked import sm3_apply_
 from sm3fn._sm3_math import Scalar, accumulator_shapes, init_accumulators, sm3_block
 
 try:
     from torch.distributed.tensor import DTensor, Replicate
 except ImportError:  # a torch built without distributed support
-    DTensor = None
+    DTensor = None  # type: ignore[assignment,misc]  # is_dtensor() then answers False
 
 
 def is_dtensor(t: Optional[torch.Tensor]) -> bool:
@@ -228,50 +227,35 @@ def sm3_block_sharded(
     return _wrap(u, grad, target), tuple(new)
 
 
-@torch.no_grad()
-def sm3_apply_any_(
-    params: Sequence[torch.Tensor],
-    grads: Sequence[torch.Tensor],
-    accumulators: Sequence[Sequence[torch.Tensor]],
-    momentum_buffers: Sequence[Optional[torch.Tensor]],
-    **options,
-) -> None:
-    """:func:`sm3fn._kernels.blocked.sm3_apply_` (``options``: its keyword arguments) for plain tensors and DTensors.
+def local_shards(
+    p: torch.Tensor,
+    g: torch.Tensor,
+    accumulators: Sequence[torch.Tensor],
+    momentum_buffer: Optional[torch.Tensor],
+    reducer: MaxReducer,
+) -> Optional[tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], Optional[torch.Tensor]]]:
+    """A DTensor parameter's local shards, for an in-place step: ``(p, g, accs, m)``, or None.
 
-    DTensors are updated through their local shards; the accumulators of
-    unsharded dims then hold local maxima and are all-reduced in one
-    collective per process group.  Each parameter's tensors must all be
-    DTensors or all plain (check with :func:`check_same_kind` first, before
-    anything changes).
+    The local accumulators of unsharded dims are handed to ``reducer``: after
+    the in-place step on the shards they hold local maxima, and
+    ``reducer.flush()`` (once per step, for every parameter) makes them the
+    global ones.  An empty shard (uneven sharding) has nothing to step: its
+    accumulators are set to the neutral 0 (``nu >= 0``) for the maxima of the
+    other dims, and None comes back.  A gradient placed differently from the
+    parameter is redistributed first.
     """
-    if not any(is_dtensor(p) for p in params):
-        return sm3_apply_(params, grads, accumulators, momentum_buffers, **options)
-    reducer = MaxReducer()
-    local_p, local_g, local_a, local_m = [], [], [], []
-    for p, g, accs, m in zip(params, grads, accumulators, momentum_buffers):
-        if not is_dtensor(p):
-            local_p.append(p), local_g.append(g), local_a.append(list(accs)), local_m.append(m)
-            continue
-        ndim = p.dim()
-        if tuple(g.placements) != tuple(p.placements):
-            g = g.redistribute(p.device_mesh, p.placements)
-        accs = [a.to_local() for a in accs]
-        for i, a in enumerate(accs):
-            for mesh_dim in _mesh_dims_to_reduce(p.placements, ndim, i, "SM3", ()):
-                reducer.add(a, p.device_mesh.get_group(mesh_dim))
-        if p.to_local().numel() == 0:
-            # an empty shard (uneven sharding) has nothing to step; it adds the
-            # neutral 0 (nu >= 0) to the maxima of the other dims
-            for a in accs:
-                a.zero_()
-            continue
-        local_p.append(p.to_local())
-        local_g.append(g.to_local())
-        local_a.append(accs)
-        local_m.append(None if m is None else m.to_local())
-    if local_p:
-        sm3_apply_(local_p, local_g, local_a, local_m, **options)
-    reducer.flush()
+    ndim = p.dim()
+    if tuple(g.placements) != tuple(p.placements):
+        g = g.redistribute(p.device_mesh, p.placements)
+    accs = [a.to_local() for a in accumulators]
+    for i, a in enumerate(accs):
+        for mesh_dim in _mesh_dims_to_reduce(p.placements, ndim, i, "SM3", ()):
+            reducer.add(a, p.device_mesh.get_group(mesh_dim))
+    if p.to_local().numel() == 0:
+        for a in accs:
+            a.zero_()
+        return None
+    return p.to_local(), g.to_local(), accs, None if momentum_buffer is None else momentum_buffer.to_local()
 
 
 def all_finite_agreed(tensors: Sequence[torch.Tensor], all_finite, device) -> bool:

@@ -43,7 +43,9 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Union
 
 import torch
 from tensordict import TensorDictBase
+from torch.optim.optimizer import ParamsT
 
+from sm3fn import _tree
 from sm3fn.base import GradientTransformation, apply_updates
 
 #: stands for the parameter in the per-parameter state keys.
@@ -67,8 +69,7 @@ def split_state(
     keys = set(keys)
     per_param: dict[str, dict[Template, torch.Tensor]] = defaultdict(dict)
     group: dict[Template, torch.Tensor] = {}
-    for path, leaf in state.items(include_nested=True, leaves_only=True):
-        path = (path,) if isinstance(path, str) else tuple(path)
+    for path, leaf in _tree.td_leaves(state):
         hits = [i for i, part in enumerate(path) if part in keys]
         if len(hits) > 1:
             raise ValueError(
@@ -140,7 +141,7 @@ class FunctionalOptimizer(torch.optim.Optimizer):
     between 0 and > 0 mid-run; :class:`sm3fn.optim.SM3` allows it).
     """
 
-    def __init__(self, params, tx: TransformOrFactory, **defaults: Any):
+    def __init__(self, params: ParamsT, tx: TransformOrFactory, **defaults: Any):
         if not isinstance(tx, GradientTransformation):
             if not callable(tx):
                 raise TypeError(
@@ -157,7 +158,7 @@ class FunctionalOptimizer(torch.optim.Optimizer):
         super().__init__(params, defaults)
 
     #: attributes that pickling and ``copy.deepcopy`` keep (torch.optim keeps only its own)
-    _PICKLED = ("_tx", "_hyperparameters")
+    _PICKLED: tuple[str, ...] = ("_tx", "_hyperparameters")
 
     def __getstate__(self) -> dict[str, Any]:
         return {**super().__getstate__(), **{k: self.__dict__[k] for k in self._PICKLED}}

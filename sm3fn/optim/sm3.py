@@ -2,7 +2,7 @@
 
 It is :class:`FunctionalOptimizer` around :func:`sm3fn.sm3`: ``tx.init``
 makes the state, which is stored under torch-SM3's names, and the step runs
-the in-place fast path :func:`sm3fn._kernels.blocked.sm3_apply_` (the same equations
+the in-place step of the dispatcher :func:`sm3fn._kernels.sm3_step_` (the same equations
 as ``tx.update``, from :mod:`sm3fn._sm3_math`, without full-size temporaries).
 
 Per-parameter state, as in torch-SM3 (so its checkpoints load here):
@@ -25,10 +25,13 @@ import numbers
 from typing import Any, Callable, Mapping, Optional
 
 import torch
+from torch.optim.optimizer import ParamsT
 
 from sm3fn import _checks
-from sm3fn._kernels import ops as _ops, sharded as _sharded, sparse as _sparse
-from sm3fn._kernels.blocked import check_kernel_choice, refuse_uncovered
+from sm3fn._kernels import check_kernel_choice, sm3_step_
+from sm3fn._kernels.dispatch import refuse_uncovered
+from sm3fn._kernels import sharded as _sharded
+from sm3fn._kernels import sparse as _sparse
 from sm3fn.alias import sm3 as sm3_tx
 from sm3fn.optim.functional import PARAM, FunctionalOptimizer, Template, one_value, param_key
 from sm3fn.optim.functional import _describe as _describe_value
@@ -85,8 +88,9 @@ class SM3(FunctionalOptimizer):
       beta: 0 sums squared gradients (the paper's default); ``0 < beta < 1``
         keeps their exponential moving average, which decays.
       eps: added to ``nu`` under the square root, ``>= 0``.
-      accumulator_dtype, momentum_dtype: dtypes of the statistics; default:
-        the parameter's for float32/float64, float32 for bfloat16/float16.
+      accumulator_dtype: dtype of the accumulators; default: the
+        parameter's for float32/float64, float32 for bfloat16/float16.
+      momentum_dtype: dtype of the momentum buffer; the same default.
       skip_nonfinite: when any gradient holds a NaN or inf, drop the whole
         step: parameters and state stay bit-identical and ``skipped_steps``
         (saved in ``state_dict()``) goes up by one.  Costs one host sync per
@@ -132,7 +136,7 @@ class SM3(FunctionalOptimizer):
 
     def __init__(
         self,
-        params,
+        params: ParamsT,
         lr: float = 0.1,
         momentum: float = 0.0,
         beta: float = 0.0,
@@ -163,7 +167,7 @@ class SM3(FunctionalOptimizer):
     # -- torch-SM3's names for sm3fn.sm3's state ------------------------------------------
 
     compiled = False  # the defaults for optimizers pickled before the options existed
-    fused = None
+    fused: Optional[bool] = None
     _PICKLED = FunctionalOptimizer._PICKLED + (
         "accumulator_dtype", "momentum_dtype", "skip_nonfinite", "skipped_steps", "compiled", "fused")
 
@@ -211,12 +215,16 @@ class SM3(FunctionalOptimizer):
         def probe(dtype):
             return torch.empty((), dtype=_checks.statistics_dtype(p.dtype, dtype), device=p.device)
 
-        accs = _accumulators(state, p) if f"{ACCUMULATOR}0" in state else [probe(self.accumulator_dtype)]
+        if f"{ACCUMULATOR}0" in state:
+            accs = _accumulators(state, p)
+        else:
+            accs = [probe(self.accumulator_dtype) for _ in range(max(1, p.dim()))]
         m = None
         if group["momentum"] > 0:
             m = state.get(MOMENTUM_BUFFER)
             m = m if isinstance(m, torch.Tensor) else probe(self.momentum_dtype)
-        refuse_uncovered(p, p.grad, accs, m, self._describe_param(group, p, index[id(p)]))
+        name = self._describe_param(group, p, index[id(p)]).rsplit(" of shape", 1)[0]  # the error adds it
+        refuse_uncovered(p, p.grad, accs, m, name)
 
     # Sparse gradients (nn.Embedding(sparse=True)): the check runs with the dense
     # checks, before anything changes; the step runs after the dense step.
@@ -236,19 +244,15 @@ class SM3(FunctionalOptimizer):
                     "no sparse dimension; pass it dense"
                 )
 
-    def _sparse_step_(self, group: Mapping[str, Any], params: list, index: Mapping[int, int]) -> None:
-        """One SM3 step, in place, on the parameters of ``group`` whose gradient is sparse:
-        the touched rows only, no momentum.  A first sparse gradient makes the row accumulator
-        only (``n_1`` numbers); an existing state uses its ``accumulator_0``."""
+    def _row_state(self, params: list) -> None:
+        """A first sparse gradient makes the row accumulator only (``n_1`` numbers); an existing
+        state keeps its ``accumulator_0`` (and the rest, which sparse steps leave alone)."""
         for p in params:
             state = self.state[p]
             if f"{ACCUMULATOR}0" not in state:
                 dtype = _checks.statistics_dtype(p.dtype, self.accumulator_dtype)
                 state[f"{ACCUMULATOR}0"] = _sparse.row_accumulator(p.detach(), dtype)
             state.setdefault(STEP, torch.zeros((), dtype=torch.int64))
-            _sparse.sparse_apply_(p, p.grad, state[f"{ACCUMULATOR}0"],
-                                  lr=group["lr"], beta=group["beta"], eps=group["eps"])
-            state[STEP] += 1
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None):
@@ -265,7 +269,8 @@ class SM3(FunctionalOptimizer):
         # 1. check everything, so that a bad group or gradient changes nothing
         for group in self.param_groups:
             self._check_group(group)
-            dense, sparse = [], []
+            dense: list[torch.Tensor] = []
+            sparse: list[torch.Tensor] = []
             for p in group["params"]:
                 g = p.grad
                 if g is None or p.numel() == 0:  # frozen, or nothing to update: skipped
@@ -277,7 +282,7 @@ class SM3(FunctionalOptimizer):
                     )
                 state = self.state.get(p, {})
                 _sharded.check_same_kind(  # the description is made only to raise: it walks the group
-                    "SM3", lambda: self._describe_param(group, p, index[id(p)]), param=p, grad=g,
+                    "SM3", lambda group=group, p=p: self._describe_param(group, p, index[id(p)]), param=p, grad=g,
                     **{k: v for k, v in state.items() if k != STEP and isinstance(v, torch.Tensor)},
                 )
                 if self.fused is True and g.layout == torch.strided and not _sharded.is_dtensor(p):
@@ -312,32 +317,27 @@ class SM3(FunctionalOptimizer):
                     if not isinstance(state.get(name), torch.Tensor):
                         state[name] = value
                 state.setdefault(STEP, torch.zeros((), dtype=torch.int64))
-        # 3. the in-place step
+        # 3. the in-place step, through the one dispatcher (sparse, DTensor, fused, blocked)
         for group, params, sparse in work:
+            self._row_state(sparse)
             momentum = group["momentum"]
-            states = [self.state[p] for p in params]
-            step_args = (
-                params,
-                [p.grad for p in params],
-                [_accumulators(s, p) for s, p in zip(states, params)],
-                [s[MOMENTUM_BUFFER] if momentum > 0 and not _row_cover(s, p) else None
-                 for s, p in zip(states, params)],
+            stepped = params + sparse
+            states = [self.state[p] for p in stepped]
+            sm3_step_(
+                stepped,
+                [p.grad for p in stepped],
+                [_accumulators(s, p) for s, p in zip(states, stepped)],
+                [s[MOMENTUM_BUFFER] if momentum > 0 and not p.grad.is_sparse and not _row_cover(s, p)
+                 else None for s, p in zip(states, stepped)],
+                lr=one_value("lr", group["lr"]),  # a one-element tensor as 0-d
+                momentum=momentum,
+                beta=group["beta"],
+                eps=group["eps"],
+                compiled=self.compiled,
+                fused=self.fused,
             )
-            lr = one_value("lr", group["lr"])
-            if _ops.applies(params + step_args[1]):
-                # under torch.compile: one custom op (the eager kernels, not their traced
-                # math); lr, momentum and beta are graph inputs, so a scheduler does not recompile
-                _ops.step_(*step_args, lr=lr, momentum=momentum, beta=group["beta"], eps=group["eps"],
-                           fused=self.fused)
-            else:
-                _sharded.sm3_apply_any_(  # DTensors (FSDP2): local shards + one all_reduce
-                    *step_args, lr=lr, momentum=momentum, beta=group["beta"], eps=group["eps"],
-                    compiled=self.compiled, fused=self.fused,
-                )
             for s in states:
                 s[STEP] += 1
-            if sparse:
-                self._sparse_step_(group, sparse, index)
         return loss
 
     # -- checkpoints -------------------------------------------------------------------
@@ -373,7 +373,7 @@ class SM3(FunctionalOptimizer):
             step = int(step.item())
         elif isinstance(step, torch.Tensor) and step.numel() == 1:
             step = float(step.item())
-        if isinstance(step, bool) or not isinstance(step, numbers.Real) or step < 0 or step != int(step):
+        if isinstance(step, bool) or not isinstance(step, numbers.Real) or step < 0 or step != int(step):  # type: ignore[call-overload]  # Real has __int__ at run time
             raise ValueError(f"{name}: loaded state['step'] must be a count >= 0, got {step!r}")
         buffer = saved.pop(MOMENTUM_BUFFER, None)
         if isinstance(buffer, torch.Tensor):
@@ -398,7 +398,7 @@ class SM3(FunctionalOptimizer):
         else:
             # the accumulators, checked against tx.init's (momentum left out: handled above)
             out = super()._load_param_state(name, p, {**group, "momentum": 0.0}, saved)
-        out[STEP] = torch.tensor(int(step), dtype=torch.int64)
+        out[STEP] = torch.tensor(int(step), dtype=torch.int64)  # type: ignore[call-overload]  # checked Real above
         if buffer is not None:
             out[MOMENTUM_BUFFER] = buffer
         return out

@@ -71,7 +71,7 @@ def parameter_averaging(
         count = torch.zeros((), dtype=torch.int64, device=device)
         return TensorDict({COUNT: count, AVERAGE: _tree.state_tree(averages)}, batch_size=[])
 
-    def update(updates: Tree, state: OptState, params: Optional[Tree] = None):
+    def update(updates: Tree, state: OptState, params: Optional[Tree] = None) -> tuple[Tree, OptState]:
         if params is None:
             raise ValueError(
                 "parameter_averaging needs params: call tx.update(grads, state, params)"

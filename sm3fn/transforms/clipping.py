@@ -60,7 +60,7 @@ def clip_by_global_norm(max_norm: float | torch.Tensor) -> GradientTransformatio
         _tree.flatten(params, "params")
         return empty_state()
 
-    def update(updates: Tree, state: OptState, params: Optional[Tree] = None):
+    def update(updates: Tree, state: OptState, params: Optional[Tree] = None) -> tuple[Tree, OptState]:
         leaves = _tree.flatten(updates, "updates")
         for path, u in leaves.items():
             if u is not None:

@@ -23,7 +23,7 @@ def named_chain(*named: tuple[str, GradientTransformation]) -> GradientTransform
     def init(params: Tree) -> OptState:
         return TensorDict({n: tx.init(params) for n, tx in named}, batch_size=[])
 
-    def update(updates: Tree, state: OptState, params: Optional[Tree] = None):
+    def update(updates: Tree, state: OptState, params: Optional[Tree] = None) -> tuple[Tree, OptState]:
         missing = [n for n in names if n not in state.keys()]
         extra = [k for k in state.keys() if k not in names]
         if missing or extra:

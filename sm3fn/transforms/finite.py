@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from tensordict import TensorDict, TensorDictBase
@@ -79,7 +79,7 @@ def apply_if_finite(
             batch_size=[],
         )
 
-    def update(updates: Tree, state: OptState, params: Optional[Tree] = None):
+    def update(updates: Tree, state: OptState, params: Optional[Tree] = None) -> tuple[Tree, OptState]:
         if not isinstance(state, TensorDictBase) or sorted(state.keys()) != sorted(_KEYS):
             got = sorted(state.keys()) if isinstance(state, TensorDictBase) else type(state).__name__
             raise ValueError(f"apply_if_finite state must have keys {sorted(_KEYS)}, got {got}")
@@ -128,7 +128,7 @@ def _select(apply: torch.Tensor, new: TensorDictBase, old: TensorDictBase, prefi
             f"apply_if_finite: the inner state at {_tree.fmt(prefix)} changed its keys "
             f"from {sorted(old.keys())} to {sorted(new.keys())}; it cannot be rolled back"
         )
-    out = {}
+    out: dict[str, Any] = {}
     for key in new.keys():
         a, b = new.get(key), old.get(key)
         if isinstance(a, TensorDictBase):

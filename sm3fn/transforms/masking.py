@@ -32,8 +32,7 @@ Labels = Union[Callable[[str, Optional[torch.Tensor]], str], Tree]
 def _label_leaves(tree: Any, prefix: _tree.Path, out: dict, argname: str) -> None:
     """Flattens a tree whose leaves are Python scalars/strings or 0-d tensors."""
     if isinstance(tree, TensorDictBase):
-        for key, value in tree.items(include_nested=True, leaves_only=True):
-            key = (key,) if isinstance(key, str) else tuple(key)
+        for key, value in _tree.td_leaves(tree):
             out[prefix + key] = value
         return
     for key, value in tree.items():
@@ -150,7 +149,7 @@ def partition(transforms: Mapping[str, GradientTransformation], labels: Labels) 
             {n: transforms[n].init(subtree(params, groups[n])) for n in names}, batch_size=[]
         )
 
-    def update(updates: Tree, state: OptState, params: Optional[Tree] = None):
+    def update(updates: Tree, state: OptState, params: Optional[Tree] = None) -> tuple[Tree, OptState]:
         if sorted(state.keys()) != sorted(names):
             raise ValueError(f"partition state has keys {sorted(state.keys())}, expected {sorted(names)}")
         groups = split(updates, "updates", params)
@@ -194,7 +193,7 @@ def masked(inner: GradientTransformation, mask: Mask) -> GradientTransformation:
     def init(params: Tree) -> OptState:
         return inner.init(subtree(params, selected(params, "params", None)))
 
-    def update(updates: Tree, state: OptState, params: Optional[Tree] = None):
+    def update(updates: Tree, state: OptState, params: Optional[Tree] = None) -> tuple[Tree, OptState]:
         chosen = selected(updates, "updates", params)
         sub_params = None
         if params is not None:

@@ -7,7 +7,8 @@ from typing import Callable, Optional
 import torch
 
 from sm3fn import _checks, _tree
-from sm3fn._kernels import sharded as _sharded, sparse as _sparse
+from sm3fn._kernels import sharded as _sharded
+from sm3fn._kernels import sparse as _sparse
 from sm3fn._sm3_math import ema as ema_step
 from sm3fn.base import GradientTransformation, OptState, Tree
 
@@ -37,7 +38,7 @@ def _buffered(
             buffers[path] = torch.zeros_like(p, dtype=_checks.statistics_dtype(p.dtype, dtype))
         return _tree.state_tree(buffers)
 
-    def update(updates: Tree, state: OptState, params: Optional[Tree] = None):
+    def update(updates: Tree, state: OptState, params: Optional[Tree] = None) -> tuple[Tree, OptState]:
         incoming = _tree.flatten(updates, "updates")
         buffers = _tree.flatten(state, f"{owner} state")
         passed = {p for p in incoming if declared_sparse(p) and p not in buffers}

@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from tensordict import TensorDict
 
 from sm3fn import _checks, _tree
-from sm3fn.base import GradientTransformation, OptState, Schedule, ScalarOrSchedule, Tree, empty_state
-from tensordict import TensorDict
+from sm3fn.base import GradientTransformation, OptState, ScalarOrSchedule, Schedule, Tree, empty_state
 
 COUNT = "count"
 
@@ -32,7 +32,7 @@ def scale(factor: float | torch.Tensor) -> GradientTransformation:
         _tree.flatten(params, "params")
         return empty_state()
 
-    def update(updates: Tree, state: OptState, params: Optional[Tree] = None):
+    def update(updates: Tree, state: OptState, params: Optional[Tree] = None) -> tuple[Tree, OptState]:
         return _scaled(updates, factor), state
 
     return GradientTransformation(init, update)
@@ -54,7 +54,7 @@ def scale_by_schedule(schedule: Schedule) -> GradientTransformation:
         device = next((p.device for p in leaves.values() if p is not None), None)
         return TensorDict({COUNT: torch.zeros((), dtype=torch.int64, device=device)}, batch_size=[])
 
-    def update(updates: Tree, state: OptState, params: Optional[Tree] = None):
+    def update(updates: Tree, state: OptState, params: Optional[Tree] = None) -> tuple[Tree, OptState]:
         if COUNT not in state.keys():
             raise ValueError(f"scale_by_schedule state must hold {COUNT!r}, got keys {list(state.keys())}")
         count = state.get(COUNT)
@@ -76,7 +76,7 @@ def scale_by_learning_rate(learning_rate: ScalarOrSchedule) -> GradientTransform
     if isinstance(learning_rate, torch.Tensor):
         # negated at every update, not once here: an in-place change of the
         # tensor (lr.fill_(...)) then applies, eagerly and in a compiled step
-        def update(updates: Tree, state: OptState, params: Optional[Tree] = None):
+        def update(updates: Tree, state: OptState, params: Optional[Tree] = None) -> tuple[Tree, OptState]:
             return _scaled(updates, -learning_rate), state
 
         return GradientTransformation(scale(learning_rate).init, update)

@@ -7,8 +7,10 @@ from typing import Optional
 import torch
 
 from sm3fn import _checks, _tree
-from sm3fn._kernels import ops as _ops, sharded as _sharded, sparse as _sparse
-from sm3fn._sm3_math import init_accumulators, param_shape, sm3_block
+from sm3fn._kernels import sharded as _sharded
+from sm3fn._kernels import sm3_step
+from sm3fn._kernels import sparse as _sparse
+from sm3fn._sm3_math import init_accumulators, param_shape
 from sm3fn.base import GradientTransformation, OptState, Tree
 
 ACCUMULATOR = "accumulator_{}"
@@ -17,8 +19,7 @@ ACCUMULATOR = "accumulator_{}"
 def accumulators_by_param(state: OptState) -> dict[_tree.Path, list[torch.Tensor]]:
     """``state`` of :func:`scale_by_sm3` as ``{param path: [a_0, ..., a_{k-1}]}``."""
     found: dict[_tree.Path, dict[int, torch.Tensor]] = {}
-    for key, value in state.items(include_nested=True, leaves_only=True):
-        key = (key,) if isinstance(key, str) else tuple(key)
+    for key, value in _tree.td_leaves(state):
         name = key[-1]
         if len(key) < 2 or not name.startswith("accumulator_"):
             raise ValueError(f"scale_by_sm3 state has an unexpected entry {_tree.fmt(key)}")
@@ -115,7 +116,7 @@ def scale_by_sm3(
                 per_param[path] = list(init_accumulators(p, dtype))
         return accumulator_state(per_param)
 
-    def update(updates: Tree, state: OptState, params: Optional[Tree] = None):
+    def update(updates: Tree, state: OptState, params: Optional[Tree] = None) -> tuple[Tree, OptState]:
         accs_by_path = accumulators_by_param(state)
         # before any gradient is read: torch.compile rejects a sparse one on sight
         _sparse.check_not_compiling(
@@ -132,51 +133,16 @@ def scale_by_sm3(
                 )
                 check_grad(path, g, accs_by_path[path])
 
-        # DTensors: local maxima of all parameters are all-reduced together, after the loop
-        reducer = _sharded.MaxReducer()
-        new_updates, new_accs = {}, {}
-        if torch.compiler.is_compiling():
-            # one custom op (the eager kernels, not their traced math) for the dense gradients,
-            # when nothing differentiates through the step
-            new_updates, new_accs = _op_step(grads, accs_by_path, beta, eps)
-        for path, g in grads.items():
-            accs = accs_by_path[path]
-            if path in new_updates:
-                continue
-            if g is None:  # frozen: no update, state kept
-                new_updates[path], new_accs[path] = None, accs
-                continue
-            if _sparse.is_sparse(g):
-                new_updates[path], a0 = _sparse.sparse_update(g, accs[0], beta, eps)
-                new_accs[path] = [a0, *accs[1:]]
-                continue
-            if _sharded.is_dtensor(g):
-                u, maxima = _sharded.sm3_block_sharded(g, accs, beta, eps, reducer, path=path)
-            else:
-                u, maxima = sm3_block(g.to(accs[0].dtype), accs, beta, eps)
-            new_updates[path] = u.to(g.dtype)
-            new_accs[path] = list(maxima[: len(accs)])  # a row-cover state keeps its one
-        reducer.flush()
+        live = list(grads)
+        new_updates, new_accs, _ = sm3_step(
+            [grads[path] for path in live], [accs_by_path[path] for path in live],
+            beta=beta, eps=eps, paths=live,
+        )
+        new_updates = dict(zip(live, new_updates))
+        new_accs = dict(zip(live, new_accs))
         return _tree.unflatten_like(updates, new_updates), accumulator_state(new_accs)
 
     return GradientTransformation(init, update)
-
-
-def _op_step(grads: dict, accs_by_path: dict, beta, eps: float) -> tuple[dict, dict]:
-    """``u`` and the new accumulators of the plain dense gradients, by the out-of-place op.
-
-    Used under ``torch.compile`` only; ``({}, {})`` when anything needs a
-    gradient through the step (:func:`sm3fn._kernels.ops.applies`), the
-    caller then traces the math.  ``lr = -1`` makes the op's update ``u``.
-    """
-    paths = [path for path, g in grads.items()
-             if g is not None and len(accs_by_path[path]) == max(1, g.dim())]  # not a row cover
-    tensors = [grads[p] for p in paths] + [a for p in paths for a in accs_by_path[p]]
-    if not paths or not _ops.applies(tensors, beta):
-        return {}, {}
-    us, new, _ = _ops.step([grads[p] for p in paths], [accs_by_path[p] for p in paths],
-                           [None] * len(paths), lr=-1.0, momentum=0.0, beta=beta, eps=eps)
-    return dict(zip(paths, us)), dict(zip(paths, new))
 
 
 def check_grad(path: _tree.Path, g: torch.Tensor, accs: list[torch.Tensor]) -> None:

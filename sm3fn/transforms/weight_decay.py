@@ -46,7 +46,7 @@ def add_decayed_weights(
         _tree.flatten(params, "params")
         return empty_state()
 
-    def update(updates: Tree, state: OptState, params: Optional[Tree] = None):
+    def update(updates: Tree, state: OptState, params: Optional[Tree] = None) -> tuple[Tree, OptState]:
         if params is None:
             raise ValueError("add_decayed_weights needs params: call tx.update(grads, state, params)")
         leaves = _tree.flatten(updates, "updates")

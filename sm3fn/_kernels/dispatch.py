@@ -1,0 +1,293 @@
+"""The one SM3 step behind every entry point: which backend steps which tensor.
+
+``scale_by_sm3.update``, ``sm3fn.sm3``'s update (and so ``FunctionalOptimizer``),
+``sm3fn.optim.SM3.step`` and ``sm3fn.sm3_update_`` all call one of two
+functions here, as ``torch.optim.adagrad.adagrad()`` routes its single-tensor,
+multi-tensor and fused variants:
+
+* :func:`sm3_step_` -- in place: parameters, accumulators and momentum buffers
+  are written; nothing comes back.
+* :func:`sm3_step` -- out of place, pure: returns ``(updates, new
+  accumulators, new momentum buffers)``; no input is written.
+
+Each decides once per tensor, in this order:
+
+======================  ==========================  ==============================
+tensor                  in place (``sm3_step_``)     out of place (``sm3_step``)
+======================  ==========================  ==============================
+``None`` gradient       skipped                      ``None`` update, state kept
+sparse COO gradient     ``sparse.sparse_apply_``     ``sparse.sparse_update``
+DTensor                 its local shards, below      ``sharded.sm3_block_sharded``
+                        (+ one all-reduce per step)
+a gradient must flow    --                           ``reference`` (differentiable)
+covered CPU tensor      ``fused_cpu`` (in place)     ``fused_cpu`` (out of place)
+anything else           ``blocked`` (eager blocks)   ``reference`` under no_grad
+======================  ==========================  ==============================
+
+"A gradient must flow" (:func:`needs_autograd`): grad mode is on and an input
+requires grad, or a ``torch.func`` transform is active, or the step is being
+traced (``torch.compile``).  Sparse updates get no momentum (as in torch-SM3).
+
+A backend is a module with, for the tensors it covers:
+
+* ``supported(p, g, accumulators, m) -> bool`` (``p`` may be None out of place);
+* an in-place sweep ``(p, g, accumulators, m, hyperparameters)`` and/or an
+  out-of-place one returning ``(update, new accumulators, new m)``;
+* for a backend that builds code, a ``build(...)`` run for every tensor before
+  any tensor is written (so a failed build changes nothing).
+
+Plugging a backend in is one branch in :func:`_route_dense` (in place) or
+:func:`_pure_one` (out of place).  Sparse and DTensor routing stays here, so a
+new dense backend gets them for free.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+
+from sm3fn._kernels import blocked as _blocked
+from sm3fn._kernels import fused_cpu as _fused
+from sm3fn._kernels import ops as _ops
+from sm3fn._kernels import reference as _reference
+from sm3fn._kernels import sharded as _sharded
+from sm3fn._kernels import sparse as _sparse
+from sm3fn._sm3_math import Scalar
+
+_Number = Union[float, torch.Tensor]
+
+
+def check_kernel_choice(fused: Optional[bool], compiled: bool) -> None:
+    """``fused`` (None or a bool) and ``compiled`` (a bool), not both True."""
+    if fused is not None and not isinstance(fused, bool):
+        raise TypeError(f"fused must be a bool or None, got {fused!r}")
+    if not isinstance(compiled, bool):
+        raise TypeError(f"compiled must be a bool, got {compiled!r}")
+    if fused and compiled:
+        raise ValueError("fused=True and compiled=True exclude each other: pick one kernel")
+
+
+def _check_block_elements(block_elements: Optional[int]) -> None:
+    if block_elements is not None and (isinstance(block_elements, bool)
+                                       or not isinstance(block_elements, int) or block_elements < 1):
+        raise ValueError(f"block_elements must be a positive int, got {block_elements!r}")
+
+
+def needs_autograd(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether the step must be differentiable: tracing, a ``torch.func`` transform, or grad mode
+    with an input that requires grad."""
+    if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
+        return True
+    return torch.is_grad_enabled() and any(
+        isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
+
+
+def _use_fused(fused: Optional[bool], compiled: bool) -> bool:
+    """Whether to try the fused kernel: not under tracing, nor once ``None`` gave up building it."""
+    if fused is False or compiled or torch.compiler.is_compiling():
+        return False
+    return fused is True or _fused.unavailable is None
+
+
+def _built(use: bool, strict: bool, items: list, build) -> dict:
+    """``{index: kernel}`` for the items the fused kernel covers, every kernel built now.
+
+    A failed build raises with ``strict`` (``fused=True``); otherwise the
+    other backends take every item and later steps do not try again.
+    """
+    if not use:
+        return {}
+    try:
+        return {j: build(*item) for j, item in enumerate(items) if item[1].numel()
+                and _fused.supported(*item[:4])}
+    except _fused.BuildError as e:
+        if strict:
+            raise
+        _fused.give_up(e)
+        return {}
+
+
+def refuse_uncovered(p: torch.Tensor, g: torch.Tensor, accs: Sequence[torch.Tensor],
+                     m: Optional[torch.Tensor], name: str = "a parameter") -> None:
+    """``fused=True`` on a tensor the fused kernel does not cover: a ``ValueError`` naming it.
+
+    As ``torch.optim.Adam(fused=True)`` refuses what its kernel cannot step,
+    rather than taking another path unasked; ``fused=None`` chooses per
+    tensor.  Asks :func:`fused_cpu.supported` (what the kernel covers is its
+    business); called before anything is written.
+    """
+    if g.numel() == 0 or _fused.supported(p, g, accs, m):
+        return
+    contiguous = p.is_contiguous() and g.is_contiguous()
+    raise ValueError(
+        f"fused=True, but the fused SM3 kernel does not cover {name} of shape {tuple(p.shape)} "
+        f"({type(p).__name__}, dtype {p.dtype}, device {p.device}, layout {g.layout}, "
+        f"{'' if contiguous else 'non-'}contiguous, gradient dtype {g.dtype}, statistics dtype "
+        f"{accs[0].dtype}); it steps plain contiguous CPU tensors (float32/float64 with statistics of "
+        "their dtype, bfloat16/float16 with float32 statistics). Pass fused=None to let each tensor "
+        "take the path that covers it."
+    )
+
+
+# --------------------------------------------------------------------------- in place
+
+
+@torch.no_grad()
+def sm3_step_(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[Optional[torch.Tensor]],
+    accumulators: Sequence[Sequence[torch.Tensor]],
+    momentum_buffers: Sequence[Optional[torch.Tensor]],
+    *,
+    lr: _Number,
+    momentum: float,
+    beta: float,
+    eps: float,
+    fused: Optional[bool] = None,
+    compiled: bool = False,
+    block_elements: Optional[int] = None,
+) -> None:
+    """In place, for each parameter: ``p -= lr * (ema of u if its buffer else u)``.
+
+    ``accumulators[j]`` (keepdim layout, statistics dtype) and
+    ``momentum_buffers[j]`` (None: no momentum) are updated in place;
+    gradients are only read; a ``None`` gradient skips its parameter.
+    ``lr`` is a float or a 0-d tensor.  ``fused``: the fused CPU kernel for
+    the tensors it covers (``None``: where it can be built, falling back with
+    one warning; ``True``: an error if it cannot be built; ``False``:
+    never).  ``compiled``: the blocked path's blocks through
+    ``torch.compile``.  ``block_elements``: the blocked path's block size.
+    Every argument is checked, and every kernel built, before anything is written.
+    """
+    check_kernel_choice(fused, compiled)
+    _check_block_elements(block_elements)
+    if _ops.applies(list(params) + [g for g in grads if g is not None], lr):
+        # under torch.compile: one custom op whose eager body is this function (sm3fn/_kernels/ops.py)
+        return _ops.step_(params, grads, accumulators, momentum_buffers, lr=lr, momentum=momentum,
+                          beta=beta, eps=eps, fused=fused)
+    reducer = _sharded.MaxReducer()
+    dense, sparse = [], []
+    for p, g, accs, m in zip(params, grads, accumulators, momentum_buffers):
+        if g is None:
+            continue
+        if _sparse.is_sparse(g):
+            sparse.append((p, g, accs))
+        elif _sharded.is_dtensor(p):
+            local = _sharded.local_shards(p, g, accs, m, reducer)
+            if local is not None:
+                dense.append(local)
+        elif g.numel():
+            dense.append((p, g, list(accs), m))
+    _route_dense(dense, lr=lr, momentum=momentum, beta=beta, eps=eps,
+                 fused=fused, compiled=compiled, block_elements=block_elements)
+    for p, g, accs in sparse:
+        _sparse.sparse_apply_(p, g, accs[0], lr=lr, beta=beta, eps=eps)
+    reducer.flush()
+
+
+def _route_dense(items, *, lr, momentum, beta, eps, fused, compiled, block_elements) -> None:
+    """Plain dense tensors ``(p, g, accs, m)``: the fused kernel where it applies, else the blocks."""
+    if fused is True:
+        for item in items:
+            refuse_uncovered(*item)
+    swept = _built(_use_fused(fused, compiled), fused is True, items,
+                   lambda p, g, accs, m: _fused.build(g, accs, m, beta))
+    if swept:
+        hyper = _fused.hyperparameters(lr, momentum, beta, eps)
+        for j, kernel in swept.items():
+            _fused.sweep_(kernel, *items[j], hyper)
+    rest = [item for j, item in enumerate(items) if j not in swept]
+    if rest:
+        _blocked.sm3_apply_(*map(list, zip(*rest)), lr=lr, momentum=momentum, beta=beta, eps=eps,
+                            compiled=compiled, block_elements=block_elements)
+
+
+# --------------------------------------------------------------------------- out of place
+
+
+def sm3_step(
+    grads: Sequence[Optional[torch.Tensor]],
+    accumulators: Sequence[Sequence[torch.Tensor]],
+    momentum_buffers: Optional[Sequence[Optional[torch.Tensor]]] = None,
+    *,
+    beta: Scalar,
+    eps: float,
+    momentum: Optional[Scalar] = None,
+    lr: Optional[Scalar] = None,
+    fused: Optional[bool] = None,
+    owner: str = "scale_by_sm3",
+    paths: Optional[Sequence[tuple]] = None,
+) -> tuple[list[Optional[torch.Tensor]], list[list[torch.Tensor]], list[Optional[torch.Tensor]]]:
+    """Out of place, pure: ``(updates, new accumulators, new momentum buffers)``.
+
+    With ``lr`` None the update is ``u`` in the gradient's dtype (``scale_by_sm3``);
+    with ``lr`` it is ``-lr * (ema of u, where a buffer is given, else u)``, the
+    whole ``sm3fn.sm3`` step.  A ``None`` gradient gives a ``None`` update and
+    its state as it was; a sparse gradient a sparse update (no momentum).
+    Tensors through which a gradient must flow (:func:`needs_autograd`) take
+    the differentiable reference math; covered CPU tensors the fused
+    out-of-place kernel (``fused``: as in :func:`sm3_step_`); the rest the
+    reference math under ``no_grad``.  ``owner`` and ``paths`` name the
+    parameters in errors.
+    """
+    n = len(grads)
+    buffers = list(momentum_buffers) if momentum_buffers is not None else [None] * n
+    if _ops.applies([g for g in grads if g is not None] + [a for accs in accumulators for a in accs],
+                    beta, momentum, lr):
+        # under torch.compile, nothing to differentiate: one custom op whose eager body is this function
+        return _ops.step(grads, accumulators, buffers, lr=lr, momentum=momentum, beta=beta, eps=eps,
+                         fused=fused)
+    paths = list(paths) if paths is not None else [()] * n
+    updates: list = [None] * n
+    new_accs = [list(a) for a in accumulators]
+    new_ms = list(buffers)
+    reducer = _sharded.MaxReducer()
+    fusable = []  # indices a fused kernel may take
+    for j, (g, accs, m) in enumerate(zip(grads, accumulators, buffers)):
+        if g is None:
+            continue
+        if _sparse.is_sparse(g):
+            u, a0 = _sparse.sparse_update(g, accs[0], beta, eps)
+            updates[j], new_accs[j] = (u if lr is None else u * -lr), [a0, *accs[1:]]
+            continue
+        if _sharded.is_dtensor(g):
+            u, maxima = _sharded.sm3_block_sharded(g, accs, beta, eps, reducer, owner=owner, path=paths[j])
+            u = u.to(g.dtype)
+            new_accs[j] = list(maxima[: len(accs)])
+            updates[j], new_ms[j] = _reference.finish(u, m, momentum, lr)
+            continue
+        if needs_autograd(g, *accs, m, beta, momentum, lr) or isinstance(beta, torch.Tensor):
+            updates[j], new_accs[j], new_ms[j] = _pure_reference(g, accs, m, beta, eps, momentum, lr)
+            continue
+        fusable.append(j)
+    _pure_dense(fusable, grads, accumulators, buffers, updates, new_accs, new_ms,
+                beta=beta, eps=eps, momentum=momentum, lr=lr, fused=fused)
+    reducer.flush()
+    return updates, new_accs, new_ms
+
+
+def _pure_reference(g, accs, m, beta, eps, momentum, lr):
+    u, maxima = _reference.preconditioned(g, accs, beta, eps)
+    update, new_m = _reference.finish(u, m, momentum, lr)
+    return update, list(maxima), new_m
+
+
+def _pure_dense(indices, grads, accumulators, buffers, updates, new_accs, new_ms, *,
+                beta, eps, momentum, lr, fused) -> None:
+    """Plain dense tensors no gradient flows through: the fused kernel, else the reference math."""
+    # the kernel takes float hyperparameters, and momentum only on the way to an lr
+    floats = not any(isinstance(x, torch.Tensor) for x in (momentum, lr))
+    items = [(None, grads[j], list(accumulators[j]), buffers[j]) for j in indices]
+    mode = "u" if lr is None else "sm3"
+    use = _use_fused(fused, False) and floats and (lr is not None or all(m is None for *_, m in items))
+    swept = _built(use, fused is True, items, lambda p, g, accs, m: _fused.build(g, accs, m, beta, mode))
+    if swept:
+        hyper = _fused.hyperparameters(0.0 if lr is None else lr, momentum or 0.0, beta, eps)
+    with torch.no_grad():
+        for i, j in enumerate(indices):
+            g, accs, m = grads[j], accumulators[j], buffers[j]
+            if i in swept:
+                updates[j], new_accs[j], new_ms[j] = _fused.sweep(swept[i], g, accs, m, hyper)
+            else:
+                updates[j], new_accs[j], new_ms[j] = _pure_reference(g, accs, m, beta, eps, momentum, lr)

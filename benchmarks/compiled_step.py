@@ -10,22 +10,30 @@ and the pure functional step ``tx.update`` + ``apply_updates`` eager and under
 ``torch.compile``.  The learning rate is a tensor that a scheduler changes
 every round, so a compiled step that recompiled would show here (the count
 of graphs compiled is printed).  Printed: milliseconds per step (median) and
-each step over fused Adam's of the same round (median and IQR).  Prints only;
-writes nothing.
+each step over fused Adam's of the same round (median and IQR).  What it
+prints is also saved in ``--out`` (default ``benchmarks/out/``, ignored by git)
+as ``compiled_step_output.txt``.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
 import time
+import warnings
+from pathlib import Path
 
 import torch
 from torch._dynamo.utils import counters
 
-import sm3fn
-from sm3fn.benchmark import machine
-from sm3fn.optim import SM3
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _output import DEFAULT_DIR, printed_into  # noqa: E402
+
+import sm3fn  # noqa: E402
+from sm3fn.benchmark import machine  # noqa: E402
+from sm3fn.optim import SM3  # noqa: E402
 
 
 def _mlp(width: int, depth: int) -> torch.nn.Module:
@@ -54,9 +62,10 @@ def contenders(width: int, depth: int, momentum: float) -> dict:
     out = {}
     for name in ("SM3 eager", "SM3 compiled"):
         opt = SM3(_with_grads(_mlp(width, depth)).parameters(), lr=torch.tensor(1e-6), momentum=momentum)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s % 7))
-        # compiled before the scheduler wraps opt.step, so that it is one frame (fullgraph)
+        # compiled before the scheduler wraps opt.step (its wrapper is a frame dynamo skips),
+        # so that the step is one graph (fullgraph)
         step = torch.compile(opt.step, fullgraph=True) if name == "SM3 compiled" else opt.step
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s % 7))
         out[name] = (step, sched.step)
     adam = torch.optim.Adam(_with_grads(_mlp(width, depth)).parameters(), lr=torch.tensor(1e-6), fused=True)
     adam_sched = torch.optim.lr_scheduler.LambdaLR(adam, lambda s: 1.0 / (1 + s % 7))
@@ -82,7 +91,10 @@ def contenders(width: int, depth: int, momentum: float) -> dict:
     return out
 
 
-def bench(width: int, depth: int, momentum: float, repeats: int) -> dict:
+def bench(width: int, depth: int, momentum: float, repeats: int) -> tuple[dict, int]:
+    # the compiled step runs opt.step as it was before the scheduler wrapped it, so the
+    # scheduler warns that it was stepped first; it was not
+    warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
     steps = contenders(width, depth, momentum)
     for step, schedule in steps.values():  # warm-up: state, kernel builds, compiles
         for _ in range(3):
@@ -111,9 +123,15 @@ def main(argv=None) -> None:
     ap.add_argument("--momentum", type=float, default=0.9)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--out", type=Path, default=DEFAULT_DIR, help="folder for the saved output")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    with printed_into(args.out / "compiled_step_output.txt"):
+        report(args)
+
+
+def report(args) -> None:
     print(f"machine: {machine().rsplit(', ', 1)[0]}; {torch.get_num_threads()} thread(s); "
           f"MLP {args.depth} x ({args.width}x{4 * args.width}), momentum {args.momentum}")
     results, recompiled = bench(args.width, args.depth, args.momentum, args.repeats)

@@ -22,7 +22,7 @@ from sm3fn.transforms.scaling import COUNT
 from sm3fn.transforms.sm3 import accumulators_by_param, check_grad
 
 
-def _as_float(name: str, value) -> float:
+def _as_float(name: str, value) -> float | torch.Tensor:
     """A hyperparameter as a Python float (the fast path specialises on it)."""
     if isinstance(value, torch.Tensor):
         if value.numel() != 1 or value.requires_grad:

@@ -14,13 +14,13 @@ import copy
 import numpy as np
 import pytest
 import torch
+from reference import ReferenceSM3, random_gradient
 from torch._dynamo.utils import counters
 
 import sm3fn
 from sm3fn._kernels import ops
 from sm3fn._sm3_math import init_accumulators
 from sm3fn.optim import SM3, FunctionalOptimizer
-from reference import ReferenceSM3, random_gradient
 
 SHAPES = [(), (7,), (5, 6), (2, 3, 4)]
 
@@ -58,7 +58,7 @@ def test_ops_match_float64_reference(momentum, beta, fused):
         pure_p = [p + u for p, u in zip(pure_p, updates)]
         for g, b in zip(grads, before):
             assert torch.equal(g, b)  # gradients are only read
-    for ref, p, q, (accs, m), new_accs in zip(refs, params, pure_p, states, pure_accs):
+    for ref, p, q, (accs, _), new_accs in zip(refs, params, pure_p, states, pure_accs):
         np.testing.assert_allclose(p.numpy(), ref.p, rtol=1e-12, atol=1e-14)
         np.testing.assert_allclose(q.numpy(), ref.p, rtol=1e-12, atol=1e-14)
         for a, b, want in zip(accs, new_accs, ref.acc):

@@ -29,9 +29,9 @@ from torch.optim.optimizer import ParamsT
 
 from sm3fn import _checks
 from sm3fn._kernels import check_kernel_choice, sm3_step_
-from sm3fn._kernels.dispatch import refuse_uncovered
 from sm3fn._kernels import sharded as _sharded
 from sm3fn._kernels import sparse as _sparse
+from sm3fn._kernels.dispatch import refuse_uncovered
 from sm3fn.alias import sm3 as sm3_tx
 from sm3fn.optim.functional import PARAM, FunctionalOptimizer, Template, one_value, param_key
 from sm3fn.optim.functional import _describe as _describe_value

@@ -141,8 +141,8 @@ def sm3_step_(
     momentum_buffers: Sequence[Optional[torch.Tensor]],
     *,
     lr: _Number,
-    momentum: float,
-    beta: float,
+    momentum: _Number,  # a tensor only under torch.compile, for the custom op
+    beta: _Number,
     eps: float,
     fused: Optional[bool] = None,
     compiled: bool = False,

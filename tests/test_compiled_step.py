@@ -228,14 +228,6 @@ def test_fused_true_refusal_in_sm3_update_changes_nothing():
 # --------------------------------------------------------------------------- torch.compile
 
 
-@pytest.fixture
-def fresh_dynamo():
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
-
-
 class _Recorder:
     """A dynamo backend that records the call targets of each graph, then runs it eagerly.
 
@@ -336,6 +328,14 @@ def _tree_pair(seed=0):
     return params, grads
 
 
+def _assert_same_trees(p_c, p_e, s_c, s_e):
+    """Compiled and eager parameters (dicts) and states (TensorDicts) agree, to rounding."""
+    for k in p_e:
+        torch.testing.assert_close(p_c[k], p_e[k], rtol=1e-6, atol=1e-7)
+    for k in s_e.keys(True, True):
+        torch.testing.assert_close(s_c[k], s_e[k], rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.slow
 def test_compiled_sm3_update_is_one_op_and_a_new_lr_does_not_recompile(fresh_dynamo):
     """sm3fn.sm3_update_ under torch.compile(fullgraph=True): the in-place op, eager's numbers,
@@ -357,10 +357,7 @@ def test_compiled_sm3_update_is_one_op_and_a_new_lr_does_not_recompile(fresh_dyn
             compiled(p_c, g, s_c)
     assert counters["stats"]["unique_graphs"] == 1
     assert backend.calls(torch.ops.sm3fn.sm3_step_) and not backend.traces_sm3_math()
-    for k in params:
-        torch.testing.assert_close(p_c[k], p_e[k], rtol=1e-6, atol=1e-7)
-    for k in s_e.keys(True, True):
-        torch.testing.assert_close(s_c[k], s_e[k], rtol=1e-6, atol=1e-7)
+    _assert_same_trees(p_c, p_e, s_c, s_e)
 
 
 @pytest.mark.slow
@@ -389,7 +386,4 @@ def test_compiled_pure_update_is_one_op_and_matches_eager(fresh_dynamo):
         assert all(torch.equal(s_in[k], v) for k, v in kept.items(True, True))  # pure: not written
     assert counters["stats"]["unique_graphs"] == 1
     assert backend.calls(torch.ops.sm3fn.sm3_step) and not backend.traces_sm3_math()
-    for k in params:
-        torch.testing.assert_close(p_c[k], p_e[k], rtol=1e-6, atol=1e-7)
-    for k in s_e.keys(True, True):
-        torch.testing.assert_close(s_c[k], s_e[k], rtol=1e-6, atol=1e-7)
+    _assert_same_trees(p_c, p_e, s_c, s_e)

@@ -239,11 +239,15 @@ def applies(tensors: Sequence[Optional[Tensor]], *hyperparameters: object) -> bo
     Only while compiling (eager calls run the kernels directly), on plain
     dense tensors (no DTensor or other subclass, no sparse gradient), and
     when nothing needs a gradient through the step: no tensor (hyperparameters
-    included) requires grad.  Otherwise the caller traces the math as before.
+    included) requires grad; tensor hyperparameters of one value each.
+    Otherwise the caller traces the math as before.
     """
     if not torch.compiler.is_compiling():
         return False
-    for t in list(tensors) + [h for h in hyperparameters if isinstance(h, Tensor)]:
+    hyper = [h for h in hyperparameters if isinstance(h, Tensor)]
+    if any(h.numel() != 1 for h in hyper):  # a batch of values (a vmapped sweep): traced math
+        return False
+    for t in list(tensors) + hyper:
         if t is None:
             continue
         if type(t) not in (Tensor, torch.nn.Parameter) or t.layout != torch.strided:

@@ -293,6 +293,30 @@ def test_compiled_step_is_one_op_fullgraph_and_lr_momentum_changes_do_not_recomp
 
 
 @pytest.mark.slow
+def test_compiled_step_with_float_lr_and_momentum_recompiles_once(fresh_dynamo):
+    """Float lr and momentum changed every step: the first change compiles once more (dynamo
+    then takes the floats as inputs, not constants), and nothing after it (issue 19 saw a
+    recompile on every new float lr)."""
+    model = _model()
+    opt = SM3(model.parameters(), lr=0.1, momentum=0.5)
+    step = torch.compile(opt.step, fullgraph=True, backend="aot_eager")
+
+    def schedule(i):
+        opt.param_groups[0]["lr"] = 0.1 / (2 + i)
+        opt.param_groups[0]["momentum"] = 0.5 + 0.01 * (i + 1)
+
+    for i in range(2):  # the state made, then both floats changed before the second step
+        _train(model, opt, 1, data_seed=i, step=step)
+        schedule(i)
+    graphs = counters["stats"]["unique_graphs"]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for i in range(2, 12):
+            _train(model, opt, 1, data_seed=i, step=step)
+            schedule(i)
+    assert counters["stats"]["unique_graphs"] == graphs == 2
+
+
+@pytest.mark.slow
 def test_compiled_step_with_torch_scheduler_does_not_recompile(fresh_dynamo):
     """The issue's case: tensor lr, OneCycleLR (lr and momentum each step), torch.compile(opt.step)
     with inductor: no recompilation over 20 steps after the first two, eager's numbers."""

@@ -1,6 +1,10 @@
-"""A small character-level transformer trained with SM3, Adam and Adagrad; plots to docs/.
+"""A small character-level transformer trained with SM3, Adam and Adagrad; plots to examples/out/.
 
-    python examples/char_lm.py [--steps 600] [--out docs]
+    python examples/char_lm.py [--steps 600] [--out DIR]
+
+The plots go to ``--out`` (default ``examples/out/``, which git ignores, so a
+run leaves the checkout clean); ``--out docs`` refreshes the figures the
+documentation shows.
 
 The text is Python's own help pages (``pydoc_data.topics``, shipped with
 every CPython: about 465,000 characters, no download).  The same model, the
@@ -175,6 +179,10 @@ def smooth(values, window):
     return out
 
 
+#: git-ignored (.gitignore): running the example leaves the checkout clean
+DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
+
+
 def plot(results, args, n_params):
     import matplotlib
 
@@ -222,8 +230,9 @@ def main() -> None:
     parser.add_argument("--lr-adagrad", type=float, default=0.1)
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="docs")
+    parser.add_argument("--out", default=DEFAULT_OUT, help="directory for the plots (default: %(default)s)")
     args = parser.parse_args()
+    os.makedirs(args.out, exist_ok=True)
 
     torch.manual_seed(args.seed)
     data = CharData(load_text(), args.context, args.seed)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import time
 
 import torch
@@ -43,7 +44,8 @@ def main() -> None:
     ap.add_argument("--meta-lr", type=float, default=0.1)
     ap.add_argument("--test-tasks", type=int, default=200)
     ap.add_argument("--k", type=int, default=10, help="points per task (K-shot)")
-    ap.add_argument("--plot", default="maml_sinusoid.png", help="where to save the plot ('' for none)")
+    ap.add_argument("--plot", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out", "maml_sinusoid.png"),
+                    help="where to save the plot ('' for none; default: examples/out/, which git ignores)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
@@ -97,6 +99,7 @@ def main() -> None:
     print(f"  after meta-training:  {after:.3f}   (before: {before:.3f})")
 
     if args.plot:
+        os.makedirs(os.path.dirname(os.path.abspath(args.plot)), exist_ok=True)
         plot(args, model, initial, meta_params, adapt, test_tasks)
 
 

@@ -10,6 +10,7 @@ from sm3fn import (
     func,
     optim,  # after the core: the optimizers build on it
     schedules,
+    tree,
 )
 from sm3fn.alias import sm3
 from sm3fn.base import (
@@ -25,12 +26,15 @@ from sm3fn.func import stop_gradient
 from sm3fn.inject import inject_hyperparams
 from sm3fn.inplace import sm3_update_
 from sm3fn.transforms import (
+    MultiSteps,
     add_decayed_weights,
     apply_if_finite,
     averaged_params,
     chain,
+    clip,
     clip_by_global_norm,
     ema,
+    freeze,
     global_norm,
     masked,
     named_chain,
@@ -40,12 +44,20 @@ from sm3fn.transforms import (
     scale_by_learning_rate,
     scale_by_schedule,
     scale_by_sm3,
+    set_to_zero,
     trace,
+    zero_nans,
 )
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "MultiSteps",
+    "clip",
+    "freeze",
+    "set_to_zero",
+    "tree",
+    "zero_nans",
     "GradientTransformation",
     "OptState",
     "Schedule",

@@ -109,6 +109,14 @@ def state_tree(per_param: Mapping[Path, Any]) -> TensorDict:
     return TensorDict(nest(per_param), batch_size=[])
 
 
+def check_state_keys(state: Any, keys: Iterable[str], owner: str) -> None:
+    """Raises a ValueError unless ``state`` is a TensorDict with exactly the top-level ``keys``."""
+    keys = sorted(keys)
+    if not isinstance(state, TensorDictBase) or sorted(state.keys()) != keys:
+        got = sorted(state.keys()) if isinstance(state, TensorDictBase) else type(state).__name__
+        raise ValueError(f"{owner} state must have keys {keys}, got {got}")
+
+
 def check_same_keys(
     grads: Iterable[Path], state: Iterable[Path], owner: str
 ) -> None:

@@ -14,6 +14,8 @@ from sm3fn.transforms.momentum import ema
 from sm3fn.transforms.scaling import scale_by_learning_rate
 from sm3fn.transforms.sm3 import scale_by_sm3
 
+__all__ = ["sm3"]
+
 
 def sm3(
     learning_rate: ScalarOrSchedule = 0.1,

@@ -22,9 +22,11 @@ plain Python loop calling the same math on the same 200 tensors.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import statistics
+import sys
 import time
 from typing import Callable, Optional
 
@@ -32,6 +34,8 @@ import torch
 
 import sm3fn
 from sm3fn._sm3_math import init_accumulators, sm3_block
+
+__all__ = ["main", "bench_preset", "bench_functional_overhead", "format_table"]
 
 #: name -> (n_embd, n_layer, vocab, n_ctx)
 PRESETS = {
@@ -75,6 +79,23 @@ def state_bytes(state_tensors) -> int:
     return total
 
 
+@contextlib.contextmanager
+def _kineto_quiet():
+    """Sends file descriptor 2 to /dev/null for the block: kineto's C++ writes a
+    ``USDT: ... profiler_start``/``profiler_stop`` line there at every profile,
+    which no logging setting silences, and the table should be the output."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def step_peak_bytes(fn: Callable[[], object]) -> int:
     """Peak of the CPU allocator's live bytes while ``fn`` runs, above those live before it.
 
@@ -85,7 +106,7 @@ def step_peak_bytes(fn: Callable[[], object]) -> int:
     """
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _kineto_quiet(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
     events.sort(key=lambda e: e.start_ns())

@@ -26,6 +26,8 @@ from tensordict import TensorDict
 from sm3fn import _checks, _tree
 from sm3fn.base import GradientTransformation, OptState, Tree
 
+__all__ = ["inject_hyperparams"]
+
 COUNT, HYPERPARAMS, INNER_STATE = "count", "hyperparams", "inner_state"
 
 
@@ -136,8 +138,10 @@ def inject_hyperparams(
                 hyperparams[n] = _as_tensor(_call_schedule(s, count), old.dtype, old.device)
             inner = _build(factory, static, hyperparams)
             updates, inner_state = inner.update(updates, state.get(INNER_STATE), params)
+            # copies (differentiable): the new state shares no memory with the old one
             new_state = TensorDict(
-                {COUNT: count + 1, HYPERPARAMS: hyperparams, INNER_STATE: inner_state},
+                {COUNT: count + 1, HYPERPARAMS: {n: v.clone() for n, v in hyperparams.items()},
+                 INNER_STATE: inner_state},
                 batch_size=[],
             )
             return updates, new_state

@@ -21,6 +21,8 @@ from sm3fn.base import OptState, ScalarOrSchedule, Tree
 from sm3fn.transforms.scaling import COUNT
 from sm3fn.transforms.sm3 import accumulators_by_param, check_grad
 
+__all__ = ["sm3_update_"]
+
 
 def _as_float(name: str, value) -> float | torch.Tensor:
     """A hyperparameter as a Python float (the fast path specialises on it)."""
@@ -145,6 +147,14 @@ def sm3_update_(
         scheduled = learning_rate(count)
         _checks.check_scalar("learning_rate(count)", scheduled, 0.0)
         lr = _as_float("learning_rate(count)", scheduled) if isinstance(scheduled, torch.Tensor) else float(scheduled)
+    state_tensors = [(f"state['sm3'][{_tree.fmt(path)}]['accumulator_{i}']", a)
+                     for path in live for i, a in enumerate(accs_by_path[path])]
+    state_tensors += [(f"state['momentum'][{_tree.fmt(path)}]", buffers[path])
+                      for path in live if path in buffers]
+    named_params = [(f"params[{_tree.fmt(path)}]", p_leaves[path]) for path in live]
+    _checks.check_in_place_step(named_params, [accs_by_path[path][0].dtype for path in live], lr, eps,
+                                state_tensors)
+    _checks.check_no_aliasing(named_params)
 
     sm3_step_(
         [p_leaves[path] for path in live],

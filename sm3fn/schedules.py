@@ -18,12 +18,22 @@ advice in one call::
 
     lr = sm3fn.schedules.recipe(0.1, total_steps=10_000)   # 5% warm-up, power 2, 10% cool-down
     tx = sm3fn.sm3(learning_rate=lr)
+
+The usual schedules come under optax's names and signatures, with optax's
+formulas: :func:`polynomial_schedule`, :func:`linear_schedule`,
+:func:`piecewise_constant_schedule`, :func:`exponential_decay`,
+:func:`cosine_decay_schedule`, :func:`warmup_cosine_decay_schedule`, and the
+aliases :data:`constant_schedule` (:func:`constant`) and
+:data:`join_schedules` (:func:`join`).  Where optax silently falls back
+(a negative ``transition_begin`` or ``transition_steps``), these raise a
+``ValueError`` instead.
 """
 
 from __future__ import annotations
 
+import math
 import numbers
-from typing import Callable, Sequence, Union
+from typing import Callable, Mapping, Optional, Sequence, Union
 
 import torch
 
@@ -36,6 +46,15 @@ __all__ = [
     "linear_cooldown",
     "join",
     "recipe",
+    # optax's names
+    "constant_schedule",
+    "join_schedules",
+    "polynomial_schedule",
+    "linear_schedule",
+    "piecewise_constant_schedule",
+    "exponential_decay",
+    "cosine_decay_schedule",
+    "warmup_cosine_decay_schedule",
 ]
 
 Step = Union[int, torch.Tensor]
@@ -267,3 +286,229 @@ def recipe(
         return torch.minimum(warm(t), cool(t))
 
     return _schedule(shape, peak_value)
+
+
+# --- optax's schedules ----------------------------------------------------------------------
+#: optax's name for :func:`constant`
+constant_schedule = constant
+#: optax's name for :func:`join`
+join_schedules = join
+
+
+def _formula_schedule(formula: Callable[[torch.Tensor], torch.Tensor], *values: Value) -> Schedule:
+    """``step -> formula(step)``, the step a 0-d float tensor, with this module's conventions:
+    a Python step gives a Python float unless one of ``values`` is a tensor."""
+    tensor_values = [v for v in values if isinstance(v, torch.Tensor)]
+
+    def schedule(step: Step) -> Value:
+        s, was_int = _step_as_tensor(step)
+        if not was_int:
+            return formula(s)
+        if tensor_values:  # a tensor value (gradients may flow to it): a tensor out, in its dtype
+            return formula(s.to(tensor_values[0].dtype))
+        return formula(s).item()
+
+    return schedule
+
+
+def _check_begin(transition_begin: int) -> None:
+    _check_steps("transition_begin", transition_begin, 0)
+
+
+def polynomial_schedule(
+    init_value: Value, end_value: Value, power: float, transition_steps: int, transition_begin: int = 0
+) -> Schedule:
+    """optax's ``polynomial_schedule``: from ``init_value`` to ``end_value`` along a power::
+
+        value(t) = I                                          t < B
+                   (I - E) * (1 - (t - B) / T) ** power + E   B <= t < B + T
+                   E                                          t >= B + T
+
+    ``I = init_value, E = end_value, T = transition_steps, B = transition_begin``.
+    ``transition_steps=0`` holds ``init_value`` for ever (as optax).
+
+    Example::
+
+        sm3fn.schedules.polynomial_schedule(1.0, 0.01, power=2, transition_steps=100, transition_begin=5)(6)
+        # 0.980299...
+    """
+    _check_value("init_value", init_value)
+    _check_value("end_value", end_value)
+    _checks.check_scalar("power", power, -float("inf"))
+    _check_steps("transition_steps", transition_steps, 0)
+    _check_begin(transition_begin)
+    if transition_steps == 0:
+        return _formula_schedule(lambda t: torch.ones_like(t) * init_value, init_value)
+
+    def formula(t: torch.Tensor) -> torch.Tensor:
+        frac = 1 - torch.clamp(t - transition_begin, 0, transition_steps) / transition_steps
+        return (init_value - end_value) * frac**power + end_value
+
+    return _formula_schedule(formula, init_value, end_value)
+
+
+def linear_schedule(
+    init_value: Value, end_value: Value, transition_steps: int, transition_begin: int = 0
+) -> Schedule:
+    """optax's ``linear_schedule``: :func:`polynomial_schedule` with ``power=1``::
+
+        value(t) = I + clamp((t - B) / T, 0, 1) * (E - I)
+
+    Example::
+
+        lr = sm3fn.schedules.linear_schedule(1.0, 0.01, transition_steps=100)
+        lr(0), lr(50), lr(100)   # 1.0, 0.505, 0.01
+    """
+    return polynomial_schedule(init_value, end_value, 1, transition_steps, transition_begin)
+
+
+def piecewise_constant_schedule(
+    init_value: Value, boundaries_and_scales: Optional[Mapping[int, float]] = None
+) -> Schedule:
+    """optax's ``piecewise_constant_schedule``: ``init_value`` times every scale whose step is reached::
+
+        value(t) = init_value * prod(scale for boundary, scale in boundaries_and_scales.items()
+                                     if t >= boundary)
+
+    Args:
+      init_value: the value before the first boundary.
+      boundaries_and_scales: ``{step: scale}``, steps ints ``>= 0``, scales ``>= 0``.
+
+    Example::
+
+        lr = sm3fn.schedules.piecewise_constant_schedule(1.0, {100: 0.1, 200: 0.01})
+        lr(50), lr(150), lr(250)   # 1.0, 0.1, 0.001
+    """
+    _check_value("init_value", init_value)
+    items = sorted((boundaries_and_scales or {}).items())
+    for b, scale in items:
+        _check_steps(f"boundaries_and_scales key {b!r}", b, 0)
+        _checks.check_scalar(f"boundaries_and_scales[{b}]", scale, 0.0)
+
+    def formula(t: torch.Tensor) -> torch.Tensor:
+        out = torch.ones_like(t) * init_value
+        for b, scale in items:
+            out = torch.where(t >= b, out * scale, out)
+        return out
+
+    return _formula_schedule(formula, init_value)
+
+
+def exponential_decay(
+    init_value: Value,
+    transition_steps: int,
+    decay_rate: float,
+    transition_begin: int = 0,
+    staircase: bool = False,
+    end_value: Optional[Value] = None,
+) -> Schedule:
+    """optax's ``exponential_decay``::
+
+        p = (t - B) / T                     (floor(p) with staircase=True)
+        value(t) = I                        t <= B
+                   I * decay_rate ** p      t > B
+        then clipped at end_value: a floor when decay_rate < 1, a ceiling when > 1
+
+    ``I = init_value, T = transition_steps, B = transition_begin``.  As in
+    optax, ``transition_steps=0`` or ``decay_rate=0`` hold ``init_value``.
+
+    Example::
+
+        lr = sm3fn.schedules.exponential_decay(1.0, transition_steps=10, decay_rate=0.5)
+        lr(20)   # 0.25
+    """
+    _check_value("init_value", init_value)
+    _check_steps("transition_steps", transition_steps, 0)
+    _checks.check_scalar("decay_rate", decay_rate, 0.0)
+    if isinstance(decay_rate, torch.Tensor):
+        raise TypeError("decay_rate must be a float, got a tensor")
+    _check_begin(transition_begin)
+    if not isinstance(staircase, bool):
+        raise TypeError(f"staircase must be a bool, got {staircase!r}")
+    if end_value is not None:
+        _check_value("end_value", end_value)
+    if transition_steps == 0 or decay_rate == 0:
+        return _formula_schedule(lambda t: torch.ones_like(t) * init_value, init_value)
+    clip = torch.maximum if decay_rate < 1.0 else torch.minimum
+
+    def formula(t: torch.Tensor) -> torch.Tensor:
+        since = t - transition_begin
+        p = since / transition_steps
+        if staircase:
+            p = torch.floor(p)
+        out = torch.where(since <= 0, torch.ones_like(t), torch.pow(decay_rate, p)) * init_value
+        if end_value is not None:
+            out = clip(out, torch.as_tensor(end_value, dtype=out.dtype, device=out.device))
+        return out
+
+    return _formula_schedule(formula, init_value, *([] if end_value is None else [end_value]))
+
+
+def cosine_decay_schedule(
+    init_value: Value, decay_steps: int, alpha: Value = 0.0, exponent: float = 1.0
+) -> Schedule:
+    """optax's ``cosine_decay_schedule`` (Loshchilov & Hutter, SGDR, 2017)::
+
+        c = 0.5 * (1 + cos(pi * min(t, T) / T))
+        value(t) = init_value * ((1 - alpha) * c ** exponent + alpha)
+
+    so it falls from ``init_value`` at 0 to ``alpha * init_value`` at ``T =
+    decay_steps`` and stays there.
+
+    Example::
+
+        lr = sm3fn.schedules.cosine_decay_schedule(0.1, decay_steps=1000, alpha=0.1)
+        lr(500)   # 0.055
+    """
+    _check_value("init_value", init_value)
+    _check_steps("decay_steps", decay_steps, 1)
+    _check_value("alpha", alpha)
+    _checks.check_scalar("exponent", exponent, -float("inf"))
+
+    def formula(t: torch.Tensor) -> torch.Tensor:
+        c = 0.5 * (1 + torch.cos(math.pi * torch.clamp(t, max=decay_steps) / decay_steps))
+        return init_value * ((1 - alpha) * c**exponent + alpha)
+
+    return _formula_schedule(formula, init_value, alpha)
+
+
+def warmup_cosine_decay_schedule(
+    init_value: Value,
+    peak_value: Value,
+    warmup_steps: int,
+    decay_steps: int,
+    end_value: Value = 0.0,
+    exponent: float = 1.0,
+) -> Schedule:
+    """optax's ``warmup_cosine_decay_schedule``: a linear warm-up, then a cosine decay::
+
+        value(t) = I + (P - I) * t / W                          t < W
+                   cosine_decay_schedule(P, D - W, alpha=E / P)(t - W)   t >= W
+
+    ``I = init_value, P = peak_value, W = warmup_steps, D = decay_steps`` (the
+    whole length, warm-up included), ``E = end_value`` (``alpha = 0`` when
+    ``P == 0``, as optax).
+
+    Example::
+
+        lr = sm3fn.schedules.warmup_cosine_decay_schedule(0.0, 0.1, warmup_steps=100, decay_steps=1000)
+        lr(50), lr(100), lr(1000)   # 0.05, 0.1, 0.0
+    """
+    _check_value("peak_value", peak_value)
+    _check_value("end_value", end_value)
+    _check_steps("warmup_steps", warmup_steps, 0)
+    _check_steps("decay_steps", decay_steps, 1)
+    if decay_steps <= warmup_steps:
+        raise ValueError(f"decay_steps must be > warmup_steps={warmup_steps} (it includes the warm-up), "
+                         f"got {decay_steps}")
+    alpha: Value
+    if isinstance(peak_value, torch.Tensor) or isinstance(end_value, torch.Tensor):
+        peak = torch.as_tensor(peak_value)
+        alpha = torch.where(peak == 0, torch.zeros_like(peak), end_value / torch.where(peak == 0, 1.0, peak))
+    else:
+        alpha = 0.0 if peak_value == 0 else end_value / peak_value
+    return join(
+        [linear_schedule(init_value, peak_value, warmup_steps),
+         cosine_decay_schedule(peak_value, decay_steps - warmup_steps, alpha, exponent)],
+        [warmup_steps],
+    )

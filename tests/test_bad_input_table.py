@@ -114,6 +114,35 @@ def _load_negative_skips(model, opt):
     return lambda: opt.load_state_dict(saved)
 
 
+def _load_edited(key, make):
+    """A state_dict whose parameter 0 has ``state[key] = make(old)`` (new dicts and tensors:
+    the optimizer's own state is not touched)."""
+    def edit(model, opt):
+        saved = opt.state_dict()
+        state = dict(saved["state"])
+        state[0] = dict(state[0], **{key: make(state[0][key])})
+        saved = dict(saved, state=state)
+        return lambda: opt.load_state_dict(saved)
+    return edit
+
+
+def _step_with_lr(lr):
+    def edit(model, opt):
+        opt.param_groups[0]["lr"] = lr
+        return opt.step
+    return edit
+
+
+def _aliased_step():
+    base = torch.zeros(4)
+    a, b = torch.nn.Parameter(base), torch.nn.Parameter(base)
+    a.grad, b.grad = torch.ones(4), torch.ones(4)
+    from sm3fn.optim import SM3 as OptSM3
+
+    opt = OptSM3([a, b], lr=0.1)
+    return opt.step, [a, b, a.grad, opt.state]
+
+
 def _optim(**kwargs):
     from sm3fn.optim import SM3 as OptSM3
 
@@ -131,6 +160,13 @@ CASES = [
     Case("beta above 1", factory(lambda: sm3fn.sm3(beta=1.5)), ValueError, r"beta.*1\.5"),
     Case("beta NaN", factory(lambda: sm3fn.scale_by_sm3(beta=float("nan"))), ValueError, r"beta.*nan"),
     Case("negative eps", factory(lambda: sm3fn.sm3(eps=-1e-8)), ValueError, r"eps.*-1e-08"),
+    Case("learning rate inf", factory(lambda: sm3fn.sm3(learning_rate=float("inf"))), ValueError,
+         r"learning_rate.*inf"),
+    Case("eps inf", factory(lambda: sm3fn.scale_by_sm3(eps=float("inf"))), ValueError, r"eps.*inf"),
+    Case("float8 accumulator dtype", factory(lambda: sm3fn.sm3(accumulator_dtype=torch.float8_e4m3fn)), TypeError,
+         r"accumulator_dtype.*float8_e4m3fn"),
+    Case("float8 parameter", bad_init(SM3, lambda: {"w": torch.zeros(2, 3).to(torch.float8_e5m2)}), TypeError,
+         r"params\['w'\].*float8_e5m2"),
     Case("eps as a tensor", factory(lambda: sm3fn.scale_by_sm3(eps=torch.tensor(1e-8))), TypeError, r"eps.*tensor"),
     Case("integer accumulator dtype", factory(lambda: sm3fn.sm3(accumulator_dtype=torch.int32)), TypeError,
          r"accumulator_dtype.*torch\.int32"),
@@ -185,6 +221,22 @@ CASES = [
     Case("SM3 load of other shapes", bad_optimizer(_load_other_shapes), ValueError,
          r"parameter 0 \(shape \(4, 3\)\).*'momentum_buffer'.*\(5, 3\).*\(4, 3\)"),
     Case("SM3 load of a negative skip count", bad_optimizer(_load_negative_skips), ValueError, r"skipped_steps.*-1"),
+    Case("SM3 load of a negative accumulator", bad_optimizer(_load_edited("accumulator_1", lambda a: a - a.max() - 1)),
+         ValueError, r"parameter 0.*'accumulator_1'.*-\d"),
+    Case("SM3 load of a NaN accumulator", bad_optimizer(_load_edited("accumulator_0", lambda a: a * float("nan"))),
+         ValueError, r"parameter 0.*'accumulator_0'.*nan"),
+    Case("SM3 load of an expanded accumulator",
+         bad_optimizer(_load_edited("accumulator_0", lambda a: a[:1].expand(a.shape))),
+         ValueError, r"parameter 0.*'accumulator_0'.*share memory.*stride \(0, "),
+    Case("SM3 load of a NaN momentum buffer", bad_optimizer(_load_edited("momentum_buffer", lambda m: m / 0 * 0)),
+         ValueError, r"parameter 0.*'momentum_buffer'.*nan"),
+    Case("SM3 load of an expanded momentum buffer",
+         bad_optimizer(_load_edited("momentum_buffer", lambda m: m[:1].expand(m.shape))),
+         ValueError, r"parameter 0.*'momentum_buffer'.*share memory"),
+    Case("SM3 step with lr above float32's max", bad_optimizer(_step_with_lr(1e39)), ValueError,
+         r"lr=1e\+39.*float32.*parameter 0"),
+    Case("SM3 step with lr inf", bad_optimizer(_step_with_lr(float("inf"))), ValueError, r"lr.*inf"),
+    Case("SM3 step on aliased parameters", _aliased_step, ValueError, r"parameter 0.*parameter 1.*share memory"),
     Case("gradient for an unknown key", bad_update(SM3, lambda g: with_key(g, "z", torch.randn(2))), ValueError,
          r"grads has key 'z'"),
     Case("gradient missing for a key", bad_update(SM3, lambda g: {"w": g["w"]}), ValueError, r"missing key 'b'"),

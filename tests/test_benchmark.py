@@ -73,3 +73,14 @@ def test_optimizer_step_saves_the_output_and_plot_where_asked(tmp_path, monkeypa
     assert (tmp_path / "benchmark_output.txt").read_text() == "a table\n"
     assert (tmp_path / "b" / "benchmark_output.txt").read_text() == "a table\n"
     assert capsys.readouterr().out.count("a table") == 2
+
+
+def test_step_peak_bytes_keeps_kineto_lines_off_stderr(capfd):
+    import torch
+
+    peak = benchmark.step_peak_bytes(lambda: torch.ones(1000) * 2)
+    assert peak >= 4000  # two float32 tensors of 1000, one live at a time at least
+    print("after", file=sys.stderr)  # stderr works again after the block
+    err = capfd.readouterr().err
+    assert "USDT" not in err and "profiler_start" not in err
+    assert "after" in err

@@ -2,6 +2,8 @@
 
 import os
 import runpy
+import shutil
+import subprocess
 import sys
 
 import pytest
@@ -23,13 +25,32 @@ def test_functional_digits_reports_both_accuracies(monkeypatch, capsys):
     assert "(final parameters)" in out and "(parameter EMA" in out
 
 
+def _git_status() -> str:
+    """``git status --porcelain`` of the checkout (skips where there is no git checkout)."""
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed: cannot check that the checkout stays clean")
+    done = subprocess.run(["git", "status", "--porcelain", "--ignored=no"], cwd=ROOT, capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"not a git checkout: {done.stderr.strip()}")
+    return done.stdout
+
+
 @pytest.mark.slow
-def test_char_lm_writes_its_plots(tmp_path, monkeypatch, capsys):
+def test_char_lm_writes_its_plots_to_an_ignored_directory(monkeypatch, capsys):
     pytest.importorskip("matplotlib")
-    out = _run("char_lm.py", ["--steps", "4", "--eval-every", "2", "--out", str(tmp_path)], monkeypatch, capsys)
+    before = _git_status()
+    out = _run("char_lm.py", ["--steps", "4", "--eval-every", "2"], monkeypatch, capsys)  # the default --out
     for name in ("char_lm_loss.png", "char_lm_memory.png"):
-        assert os.path.getsize(tmp_path / name) > 1000
+        path = os.path.join(ROOT, "examples", "out", name)
+        assert f"wrote {path}" in out and os.path.getsize(path) > 1000
     assert out.count("optimizer state") == 4
+    assert _git_status() == before  # tracked figures untouched, nothing new to commit
+
+
+def test_example_outputs_are_git_ignored():
+    _git_status()  # skips without a checkout
+    for path in ("examples/out/char_lm_loss.png", "examples/out/maml_sinusoid.png", "benchmarks/out/x.txt"):
+        assert subprocess.run(["git", "check-ignore", "-q", path], cwd=ROOT).returncode == 0, path
 
 
 @pytest.mark.slow

@@ -1,6 +1,7 @@
 """sm3fn.optim.SM3: the torch.optim adapter, against the float64 reference and torch-SM3."""
 
 import io
+import warnings
 
 import numpy as np
 import pytest
@@ -74,6 +75,8 @@ def test_matches_torch_sm3_on_a_model_with_a_scheduler(dtype, tol, momentum):
     assert all(moved)
     assert_states_close(list(ours_model.parameters()), list(their_model.parameters()), tol, tol)
     ours_sd, their_sd = ours.state_dict(), theirs.state_dict()
+    # the same groups, plus our weight_decay (torch-SM3 has none), left at 0
+    assert [g.pop("weight_decay") for g in ours_sd["param_groups"]] == [0.0] * len(ours_sd["param_groups"])
     assert ours_sd["param_groups"] == their_sd["param_groups"]
     for i, theirs_state in their_sd["state"].items():
         ours_state = ours_sd["state"][i]
@@ -218,7 +221,9 @@ def test_momentum_switched_on_mid_run_matches_reference():
             opt.param_groups[0]["momentum"] = ref.momentum = 0.8
         g = random_gradient(rng, (5, 4))
         p.grad = torch.tensor(g)
-        opt.step()
+        with warnings.catch_warnings():  # the warning of a momentum leaving 0 (tests/test_sm3_ecosystem.py)
+            warnings.simplefilter("ignore")
+            opt.step()
         ref.step(g)
         assert ("momentum_buffer" in opt.state[p]) == (t >= 3)
     np.testing.assert_allclose(p.detach().numpy(), ref.p, rtol=1e-12)
@@ -357,7 +362,9 @@ def test_argument_checks_match_torch_sm3():
         TorchSM3(p, **ok)
     with pytest.raises(TypeError, match="lr"):
         SM3(p, lr="0.1")
-    assert SM3(p).defaults == TorchSM3(p).defaults == {"lr": 0.1, "momentum": 0.0, "beta": 0.0, "eps": 1e-30}
+    # torch-SM3's defaults, plus weight_decay=0 (no decay: its trajectory)
+    assert TorchSM3(p).defaults == {"lr": 0.1, "momentum": 0.0, "beta": 0.0, "eps": 1e-30}
+    assert SM3(p).defaults == {**TorchSM3(p).defaults, "weight_decay": 0.0}
 
 
 def test_bad_hyperparameter_at_step_changes_nothing():

@@ -47,6 +47,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from sm3fn import _checks
 from sm3fn._kernels import blocked as _blocked
 from sm3fn._kernels import fused_cpu as _fused
 from sm3fn._kernels import ops as _ops
@@ -77,7 +78,7 @@ def _check_block_elements(block_elements: Optional[int]) -> None:
 def needs_autograd(*tensors: Optional[torch.Tensor]) -> bool:
     """Whether the step must be differentiable: tracing, a ``torch.func`` transform, or grad mode
     with an input that requires grad."""
-    if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
+    if torch.compiler.is_compiling() or _checks.functorch_transform_active():
         return True
     return torch.is_grad_enabled() and any(
         isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
@@ -245,11 +246,15 @@ def sm3_step(
     reducer = _sharded.MaxReducer()
     fusable = []  # indices a fused kernel may take
     for j, (g, accs, m) in enumerate(zip(grads, accumulators, buffers)):
+        # the state a tensor keeps comes back as copies: a pure step's result shares no
+        # memory with its input (an in-place step on it must not change a kept snapshot)
         if g is None:
+            new_accs[j], new_ms[j] = [a.clone() for a in accs], None if m is None else m.clone()
             continue
         if _sparse.is_sparse(g):
             u, a0 = _sparse.sparse_update(g, accs[0], beta, eps)
-            updates[j], new_accs[j] = (u if lr is None else u * -lr), [a0, *accs[1:]]
+            updates[j], new_accs[j] = (u if lr is None else u * -lr), [a0, *(a.clone() for a in accs[1:])]
+            new_ms[j] = None if m is None else m.clone()
             continue
         if _sharded.is_dtensor(g):
             u, maxima = _sharded.sm3_block_sharded(g, accs, beta, eps, reducer, owner=owner, path=paths[j])

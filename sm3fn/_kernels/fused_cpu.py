@@ -531,8 +531,6 @@ def _kernel(param_dtype: torch.dtype, dtype: torch.dtype, k: int, with_momentum:
         if kernel is not None:
             _kernels.move_to_end(key)
             return kernel
-        from torch._inductor.codecache import CppPythonBindingsCodeCache
-
         pointers = ["const param_t*", "const param_t*", "param_t*", "const scalar_t*", "scalar_t*"]
         accs = ["const scalar_t*"] * k + ["scalar_t*"] * k
         if k <= 1:
@@ -540,6 +538,10 @@ def _kernel(param_dtype: torch.dtype, dtype: torch.dtype, k: int, with_momentum:
         else:
             argtypes = pointers + accs + ["const double*"] + ["const int64_t"] * (k + 1) + ["scalar_t*"]
         try:
+            # private: imported here, inside the guard, so that another torch version
+            # without it (or an unwritable TORCHINDUCTOR_CACHE_DIR) means the blocked path
+            from torch._inductor.codecache import CppPythonBindingsCodeCache
+
             kernel = CppPythonBindingsCodeCache.load_pybinding(argtypes, source(*key))
         except Exception as e:  # no compiler, or one that fails: say what to do
             raise BuildError(

@@ -138,7 +138,7 @@ def sparse_update(
     """
     rows, block = touched_rows(grad)
     if rows.numel() == 0:  # nothing touched (and no row for the row maximum to reduce)
-        u, new_accumulator = block, accumulator
+        u, new_accumulator = block, accumulator.clone()  # new, as on the other branch
     else:
         u, new_rows = row_cover_step(
             block.to(accumulator.dtype), _gather(accumulator, rows, block.dim()), beta, eps

@@ -45,8 +45,10 @@ import torch
 from tensordict import TensorDictBase
 from torch.optim.optimizer import ParamsT
 
-from sm3fn import _tree
+from sm3fn import _checks, _tree
 from sm3fn.base import GradientTransformation, apply_updates
+
+__all__ = ["FunctionalOptimizer", "PARAM", "param_key", "split_state"]
 
 #: stands for the parameter in the per-parameter state keys.
 PARAM = "*"
@@ -260,6 +262,10 @@ class FunctionalOptimizer(torch.optim.Optimizer):
         loss = self._evaluate(closure)
         index = self._index()
         plans = []
+        # parameters are written in place, one after another: two over one memory would
+        # each get the other's update overwritten, so they are refused
+        _checks.check_no_aliasing([(f"parameter {index[id(p)]}", p) for g in self.param_groups
+                                   for p in g["params"] if p.grad is not None])
         for group in self.param_groups:  # compute everything first: a failure changes nothing
             self._check_group(group)
             tx = self._transform(group)
@@ -317,8 +323,26 @@ class FunctionalOptimizer(torch.optim.Optimizer):
                     f"{name} (shape {tuple(p.shape)}): loaded state[{key!r}] is {_describe(value)}, "
                     f"expected shape {tuple(like.shape)}"
                 )
-            out[key] = value.to(device=p.device, dtype=like.dtype)
+            out[key] = self._load_tensor(f"{name}: loaded state[{key!r}]", key, value, p.device, like.dtype)
         return out
+
+    def _load_tensor(self, where: str, key: str, value: torch.Tensor, device: torch.device,
+                     dtype: torch.dtype) -> torch.Tensor:
+        """A loaded state tensor, checked, as a copy of its own on ``device`` in ``dtype``.
+
+        Refused (``ValueError`` naming ``where``): elements that share memory
+        (an ``expand``-ed tensor; the in-place step would write one element
+        several times) and, for SM3 accumulators (``scale_by_sm3``'s
+        ``accumulator_<i>``), negative or NaN values.  The copy keeps the
+        optimizer from writing into the caller's ``state_dict``.
+        """
+        _checks.check_no_self_overlap(where, value)
+        template = self._state_template(key)
+        if template and template[-1].startswith("accumulator_"):
+            _checks.check_loaded_accumulator(where, value)
+        elif template and template[0] == "momentum":  # sm3fn.sm3's momentum stage (ema)
+            _checks.check_loaded_accumulator(where, value, nonnegative=False)
+        return value.to(device=device, dtype=dtype, copy=True)
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Loads a :meth:`state_dict`, checking every parameter's state first.

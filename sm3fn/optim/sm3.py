@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import functools
 import numbers
-from typing import Any, Callable, Mapping, Optional
+import warnings
+from typing import AbstractSet, Any, Callable, Mapping, Optional
 
 import torch
 from torch.optim.optimizer import ParamsT
@@ -37,6 +38,8 @@ from sm3fn.optim.functional import PARAM, FunctionalOptimizer, Template, one_val
 from sm3fn.optim.functional import _describe as _describe_value
 from sm3fn.transforms.finite import all_finite
 
+__all__ = ["SM3"]
+
 STEP = "step"
 SKIPPED_STEPS = "skipped_steps"  # a top-level state_dict entry, with skip_nonfinite=True
 MOMENTUM_BUFFER = "momentum_buffer"
@@ -46,9 +49,37 @@ ACCUMULATOR = "accumulator_"
 _SM3_STAGE, _MOMENTUM_STAGE = "sm3", "momentum"
 
 
-def _transform(lr, momentum, beta, eps, *, accumulator_dtype, momentum_dtype):
-    """A group's ``sm3fn.sm3`` (module level, so that the optimizer pickles)."""
+def _transform(lr, momentum, beta, eps, weight_decay=0.0, *, accumulator_dtype, momentum_dtype):
+    """A group's ``sm3fn.sm3`` (module level, so that the optimizer pickles).
+
+    ``weight_decay`` is not part of it: :meth:`SM3.step` decays the weights
+    itself, before the SM3 step (see :func:`_decay_weights_`)."""
     return sm3_tx(lr, momentum, beta, eps, accumulator_dtype=accumulator_dtype, momentum_dtype=momentum_dtype)
+
+
+#: group keys that torch.optim and its schedulers write (``initial_lr``, OneCycleLR's
+#: ``max_lr``/``min_lr``/``max_momentum``/``base_momentum``, SWALR's ``swa_lr``):
+#: present in a group, but not settings a user expects SM3 to honour, so no warning
+_TORCH_GROUP_KEYS = frozenset(
+    {"params", "param_names", "initial_lr", "max_lr", "min_lr", "max_momentum", "base_momentum", "swa_lr"})
+
+
+def _decay_weights_(params: list[torch.Tensor], lr: Any, weight_decay: Any) -> None:
+    """Decoupled weight decay, in place: ``p <- p * (1 - lr * weight_decay)``.
+
+    Run before the SM3 step, whose update does not depend on ``p``, this gives
+    ``p - lr * (u + weight_decay * p)``: the step of
+    ``chain(scale_by_sm3(), ema(momentum), add_decayed_weights(weight_decay),
+    scale_by_learning_rate(lr))``, as AdamW decays (Loshchilov & Hutter 2019).
+    """
+    torch._foreach_mul_(params, 1 - lr * weight_decay)
+
+
+def _check_weight_decay(weight_decay: Any) -> None:
+    if isinstance(weight_decay, bool) or not isinstance(weight_decay, numbers.Real):
+        raise TypeError(
+            f"weight_decay must be a real number, got {weight_decay!r} of type {type(weight_decay).__name__}")
+    _checks.check_scalar("weight_decay", weight_decay, 0.0)
 
 
 def _row_cover(state: Mapping[str, Any], p: torch.Tensor) -> bool:
@@ -74,7 +105,7 @@ class SM3(FunctionalOptimizer):
         u   = g / sqrt(nu + eps)           (0 where nu == 0)
         a_i = max of nu over every dim but i
         m   = momentum * m + (1 - momentum) * u        (only if momentum > 0)
-        p  -= lr * (m or u)
+        p  -= lr * (m or u) + lr * weight_decay * p     (the decay from p before the step)
 
     Args:
       params: parameters or param-group dicts (each group may set its own
@@ -88,6 +119,13 @@ class SM3(FunctionalOptimizer):
       beta: 0 sums squared gradients (the paper's default); ``0 < beta < 1``
         keeps their exponential moving average, which decays.
       eps: added to ``nu`` under the square root, ``>= 0``.
+      weight_decay: decoupled weight decay (AdamW's), ``>= 0``: each step
+        first shrinks every parameter that has a dense gradient by the factor
+        ``1 - lr * weight_decay``, outside the preconditioner and the momentum.
+        A group key like the others (HF ``Trainer`` puts biases and norms in a
+        group with ``weight_decay=0``).  Parameters with sparse gradients must
+        be in a group with ``weight_decay=0`` (decaying every row would make
+        their step dense).
       accumulator_dtype: dtype of the accumulators; default: the
         parameter's for float32/float64, float32 for bfloat16/float16.
       momentum_dtype: dtype of the momentum buffer; the same default.
@@ -117,6 +155,13 @@ class SM3(FunctionalOptimizer):
         instead (inductor; the first steps compile, seconds per
         configuration); excludes ``fused=True``.
 
+    Warnings (once per optimizer): a param group key that SM3 does not use
+    (e.g. Adam's ``betas``, which would otherwise be ignored silently), and a
+    group whose ``momentum`` leaves 0 after construction (``OneCycleLR`` and
+    ``CyclicLR`` with their default ``cycle_momentum=True`` do this), which
+    makes SM3 keep a parameter-sized momentum buffer; pass
+    ``cycle_momentum=False`` to keep SM3's memory.
+
     Sparse gradients (``nn.Embedding(sparse=True)``, ``nn.EmbeddingBag(sparse=True)``,
     any ``torch.sparse_coo`` gradient) update only the rows they touch, with
     the row accumulator ``a_0`` as the only cover; other rows keep their
@@ -141,6 +186,7 @@ class SM3(FunctionalOptimizer):
         momentum: float = 0.0,
         beta: float = 0.0,
         eps: float = 1e-30,
+        weight_decay: float = 0.0,
         *,
         accumulator_dtype: Optional[torch.dtype] = None,
         momentum_dtype: Optional[torch.dtype] = None,
@@ -159,17 +205,22 @@ class SM3(FunctionalOptimizer):
         _checks.check_dtype_arg("momentum_dtype", momentum_dtype)
         self.accumulator_dtype = accumulator_dtype
         self.momentum_dtype = momentum_dtype
-        self._check_group({"lr": lr, "momentum": momentum, "beta": beta, "eps": eps})
+        self._warned_keys = set()
+        self._zero_momentum_groups = set()
+        self._check_group({"lr": lr, "momentum": momentum, "beta": beta, "eps": eps, "weight_decay": weight_decay})
 
         tx = functools.partial(_transform, accumulator_dtype=accumulator_dtype, momentum_dtype=momentum_dtype)
-        super().__init__(params, tx, lr=lr, momentum=momentum, beta=beta, eps=eps)
+        super().__init__(params, tx, lr=lr, momentum=momentum, beta=beta, eps=eps, weight_decay=weight_decay)
 
     # -- torch-SM3's names for sm3fn.sm3's state ------------------------------------------
 
     compiled = False  # the defaults for optimizers pickled before the options existed
     fused: Optional[bool] = None
+    _warned_keys: AbstractSet[str] = frozenset()  # optimizers pickled before the warnings: warn again
+    _zero_momentum_groups: AbstractSet[int] = frozenset()
     _PICKLED = FunctionalOptimizer._PICKLED + (
-        "accumulator_dtype", "momentum_dtype", "skip_nonfinite", "skipped_steps", "compiled", "fused")
+        "accumulator_dtype", "momentum_dtype", "skip_nonfinite", "skipped_steps", "compiled", "fused",
+        "_warned_keys", "_zero_momentum_groups")
 
     def _check_group(self, group: Mapping[str, Any]) -> None:
         # torch-SM3's checks, plus: real numbers only (the fast path takes floats), except
@@ -184,6 +235,33 @@ class SM3(FunctionalOptimizer):
             if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise TypeError(f"{name} must be a real number, got {value!r} of type {type(value).__name__}")
         _checks.check_sm3_hyperparameters(group["lr"], group["momentum"], group["beta"], group["eps"], lr_name="lr")
+        _check_weight_decay(group.get("weight_decay", 0.0))  # absent from torch-SM3's groups
+
+    # -- warnings, once per optimizer ----------------------------------------------------
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        unused = sorted(k for k in group if k not in self._hyperparameters and k not in _TORCH_GROUP_KEYS)
+        new = [k for k in unused if k not in self._warned_keys]
+        if new:
+            self._warned_keys = set(self._warned_keys) | set(new)
+            warnings.warn(
+                f"sm3fn.optim.SM3 ignores the param group key(s) {new} (group {len(self.param_groups) - 1}); "
+                f"it uses {list(self._hyperparameters)}", UserWarning, stacklevel=3)
+        if group["momentum"] == 0:
+            self._zero_momentum_groups = set(self._zero_momentum_groups) | {len(self.param_groups) - 1}
+
+    def _warn_if_momentum_left_zero(self, group: Mapping[str, Any]) -> None:
+        """One warning when a group made with ``momentum=0`` now steps with momentum > 0."""
+        index = next(i for i, g in enumerate(self.param_groups) if g is group)
+        if index in self._zero_momentum_groups:
+            self._zero_momentum_groups = set()  # once per optimizer
+            warnings.warn(
+                f"param group {index} was made with momentum=0 and now has momentum={group['momentum']!r}; "
+                "SM3 now keeps a momentum buffer the size of each parameter. A OneCycleLR or CyclicLR "
+                "scheduler does this with its default cycle_momentum=True: pass cycle_momentum=False "
+                "to keep SM3's memory.", UserWarning, stacklevel=3)
 
     def _state_key(self, template: Template) -> str:
         if template == (_MOMENTUM_STAGE, PARAM):
@@ -226,6 +304,17 @@ class SM3(FunctionalOptimizer):
         name = self._describe_param(group, p, index[id(p)]).rsplit(" of shape", 1)[0]  # the error adds it
         refuse_uncovered(p, p.grad, accs, m, name)
 
+    def _namer(self, group: Mapping[str, Any], p: torch.Tensor, index: Mapping[int, int]) -> Callable[[], str]:
+        """:meth:`_describe_param`, deferred: it walks the group, so it runs only to raise."""
+        return lambda: self._describe_param(group, p, index[id(p)])
+
+    def _statistics_dtype(self, p: torch.Tensor) -> torch.dtype:
+        """The dtype ``p``'s accumulators are (or will be) kept in."""
+        acc = self.state.get(p, {}).get(f"{ACCUMULATOR}0")
+        if isinstance(acc, torch.Tensor):
+            return acc.dtype
+        return _checks.statistics_dtype(p.dtype, self.accumulator_dtype)
+
     # Sparse gradients (nn.Embedding(sparse=True)): the check runs with the dense
     # checks, before anything changes; the step runs after the dense step.
 
@@ -237,6 +326,12 @@ class SM3(FunctionalOptimizer):
                 raise TypeError(
                     f"{self._describe_param(group, p, index[id(p)])} has a {g.layout} gradient; "
                     "sm3fn.optim.SM3 takes dense (torch.strided) or torch.sparse_coo gradients"
+                )
+            if group.get("weight_decay", 0.0) != 0:
+                raise ValueError(
+                    f"{self._describe_param(group, p, index[id(p)])} has a sparse gradient in a group "
+                    f"with weight_decay={group['weight_decay']!r}; put it in a group with weight_decay=0 "
+                    "(decaying every row would make its sparse step dense)"
                 )
             if g.sparse_dim() == 0:
                 raise ValueError(
@@ -275,10 +370,11 @@ class SM3(FunctionalOptimizer):
                 g = p.grad
                 if g is None or p.numel() == 0:  # frozen, or nothing to update: skipped
                     continue
-                if not p.is_floating_point() or not g.is_floating_point():
+                if p.dtype not in _checks.SUPPORTED_DTYPES or g.dtype not in _checks.SUPPORTED_DTYPES:
                     raise TypeError(
                         f"{self._describe_param(group, p, index[id(p)])} has dtype {p.dtype} and gradient "
-                        f"dtype {g.dtype}; SM3 optimizes real floating-point tensors only"
+                        f"dtype {g.dtype}; SM3 optimizes real floating-point tensors only "
+                        f"({', '.join(map(str, _checks.SUPPORTED_DTYPES))})"
                     )
                 state = self.state.get(p, {})
                 _sharded.check_same_kind(  # the description is made only to raise: it walks the group
@@ -292,6 +388,12 @@ class SM3(FunctionalOptimizer):
                 self._check_sparse(group, sparse, index)
             if dense or sparse:
                 work.append((group, dense, sparse))
+                # lr and eps finite in each statistics dtype (a loaded state keeps its own)
+                _checks.check_in_place_step(
+                    [(self._namer(group, p, index), p) for p in dense + sparse],
+                    [self._statistics_dtype(p) for p in dense + sparse], group["lr"], group["eps"])
+        # no two stepped parameters share memory (across groups too)
+        _checks.check_no_aliasing([(self._namer(g, p, index), p) for g, d, s in work for p in d + s])
         # 1b. skip_nonfinite: a NaN/inf gradient anywhere drops the step before any state is made
         if self.skip_nonfinite and work:
             grads = [p.grad._values() if p.grad.is_sparse else p.grad for _, d, s in work for p in d + s]
@@ -301,6 +403,8 @@ class SM3(FunctionalOptimizer):
         # 2. state for new parameters (and a momentum buffer once momentum > 0), from tx.init
         for group, params, _ in work:
             with_momentum = group["momentum"] > 0
+            if with_momentum:
+                self._warn_if_momentum_left_zero(group)
             needs = {
                 param_key(index[id(p)]): p
                 for p in params
@@ -323,6 +427,8 @@ class SM3(FunctionalOptimizer):
             momentum = group["momentum"]
             stepped = params + sparse
             states = [self.state[p] for p in stepped]
+            if params and group.get("weight_decay", 0.0) != 0:  # dense only: _check_sparse refuses the rest
+                _decay_weights_(params, group["lr"], group["weight_decay"])
             sm3_step_(
                 stepped,
                 [p.grad for p in stepped],
@@ -356,8 +462,14 @@ class SM3(FunctionalOptimizer):
             skipped = int(skipped.item())
         if isinstance(skipped, bool) or not isinstance(skipped, int) or skipped < 0:
             raise ValueError(f"state_dict[{SKIPPED_STEPS!r}] must be an int >= 0, got {skipped!r}")
+        groups = state_dict.get("param_groups")
+        if isinstance(groups, list) and all(isinstance(g, Mapping) for g in groups):
+            # torch-SM3's checkpoints and ours from before weight_decay: no decay
+            state_dict = {**state_dict, "param_groups": [{"weight_decay": 0.0, **g} for g in groups]}
         super().load_state_dict(state_dict)
         self.skipped_steps = skipped
+        # the loaded momentum is the run's own: warn only when it later leaves 0
+        self._zero_momentum_groups = {i for i, g in enumerate(self.param_groups) if g["momentum"] == 0}
 
     def _load_param_state(
         self, name: str, p: torch.Tensor, group: Mapping[str, Any], saved: Mapping[str, Any]
@@ -383,7 +495,8 @@ class SM3(FunctionalOptimizer):
                     f"{tuple(buffer.shape)}, expected {tuple(p.shape)}"
                 )
             dtype = _checks.statistics_dtype(p.dtype, self.momentum_dtype)
-            buffer = buffer.to(device=p.device, dtype=dtype)
+            buffer = self._load_tensor(f"{name}: loaded state[{MOMENTUM_BUFFER!r}]", MOMENTUM_BUFFER, buffer,
+                                       p.device, dtype)
         elif buffer is not None and not (isinstance(buffer, numbers.Real) and buffer == 0):
             # torch-SM3's placeholder before momentum is used is the float 0.
             raise ValueError(
@@ -415,4 +528,5 @@ class SM3(FunctionalOptimizer):
             )
         keepdim = (p.shape[0],) + (1,) * (p.dim() - 1)
         dtype = _checks.statistics_dtype(p.dtype, self.accumulator_dtype)
-        return {f"{ACCUMULATOR}0": acc.reshape(keepdim).to(device=p.device, dtype=dtype).clone()}
+        key = f"{ACCUMULATOR}0"
+        return {key: self._load_tensor(f"{name}: loaded state[{key!r}]", key, acc, p.device, dtype).reshape(keepdim)}

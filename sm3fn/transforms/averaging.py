@@ -10,6 +10,8 @@ from tensordict import TensorDict, TensorDictBase
 from sm3fn import _checks, _tree
 from sm3fn.base import GradientTransformation, OptState, Tree
 
+__all__ = ["parameter_averaging", "averaged_params"]
+
 COUNT = "count"
 AVERAGE = "averaged_params"
 

@@ -1,4 +1,4 @@
-"""Clipping: ``clip_by_global_norm`` and the ``global_norm`` it uses."""
+"""Clipping: ``clip`` (by value), ``clip_by_global_norm`` and the ``global_norm`` it uses."""
 
 from __future__ import annotations
 
@@ -7,7 +7,10 @@ from typing import Optional
 import torch
 
 from sm3fn import _checks, _tree
+from sm3fn import tree as _tree_ops
 from sm3fn.base import GradientTransformation, OptState, Tree, empty_state
+
+__all__ = ["clip", "clip_by_global_norm", "global_norm"]
 
 
 def global_norm(tree: Tree) -> torch.Tensor:
@@ -69,5 +72,30 @@ def clip_by_global_norm(max_norm: float | torch.Tensor) -> GradientTransformatio
         factor = max_norm / torch.clamp(norm, min=max_norm)
         out = {p: None if u is None else u * factor.to(device=u.device, dtype=u.dtype) for p, u in leaves.items()}
         return _tree.unflatten_like(updates, out), state
+
+    return GradientTransformation(init, update)
+
+
+def clip(max_delta: float | torch.Tensor) -> GradientTransformation:
+    """optax's ``clip``: every entry of every update clamped to ``[-max_delta, max_delta]``.
+
+    Keeps no state.  A sparse COO update is coalesced and its stored values
+    clamped (it stays sparse).
+
+    Args:
+      max_delta: ``>= 0``; a float or a tensor.
+
+    Example::
+
+        tx = sm3fn.chain(sm3fn.clip(1.0), sm3fn.sm3(0.1))   # clip the raw gradients
+    """
+    _checks.check_scalar("max_delta", max_delta, 0.0)
+
+    def init(params: Tree) -> OptState:
+        _tree.flatten(params, "params")
+        return empty_state()
+
+    def update(updates: Tree, state: OptState, params: Optional[Tree] = None):
+        return _tree_ops.clip(updates, -max_delta, max_delta), state
 
     return GradientTransformation(init, update)

@@ -8,6 +8,8 @@ from tensordict import TensorDict
 
 from sm3fn.base import GradientTransformation, OptState, Tree
 
+__all__ = ["chain", "named_chain"]
+
 
 def named_chain(*named: tuple[str, GradientTransformation]) -> GradientTransformation:
     """Applies transforms left to right; the state is ``{name: that transform's state}``."""

@@ -1,4 +1,5 @@
-"""``apply_if_finite``: skip a step whose gradients or updates are not finite."""
+"""Non-finite values: ``apply_if_finite`` skips a step whose gradients or updates are not
+finite; ``zero_nans`` replaces NaN entries by zeros."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from tensordict import TensorDict, TensorDictBase
 
 from sm3fn import _tree
 from sm3fn.base import GradientTransformation, OptState, Tree
+
+__all__ = ["apply_if_finite", "zero_nans", "all_finite"]
 
 INNER = "inner"
 SKIPPED = "skipped"
@@ -80,9 +83,7 @@ def apply_if_finite(
         )
 
     def update(updates: Tree, state: OptState, params: Optional[Tree] = None) -> tuple[Tree, OptState]:
-        if not isinstance(state, TensorDictBase) or sorted(state.keys()) != sorted(_KEYS):
-            got = sorted(state.keys()) if isinstance(state, TensorDictBase) else type(state).__name__
-            raise ValueError(f"apply_if_finite state must have keys {sorted(_KEYS)}, got {got}")
+        _tree.check_state_keys(state, _KEYS, "apply_if_finite")
         grads = _tree.flatten(updates, "updates")
         old_inner = state.get(INNER)
         new_updates, new_inner = inner.update(updates, old_inner, params)
@@ -136,3 +137,45 @@ def _select(apply: torch.Tensor, new: TensorDictBase, old: TensorDictBase, prefi
         else:
             out[key] = torch.where(apply, a, b)
     return TensorDict(out, batch_size=[])
+
+
+def zero_nans() -> GradientTransformation:
+    """optax's ``zero_nans``: NaN entries of the updates become 0; the rest pass unchanged.
+
+    ``inf`` is left as it is (as in optax).  State: one 0-d bool per parameter,
+    ``True`` when the last update of that parameter held a NaN (for
+    monitoring; the transform does not read it).  A frozen parameter (``None``
+    update) keeps its flag.  A sparse COO update is coalesced and stays sparse.
+
+    Example::
+
+        tx = sm3fn.chain(sm3fn.zero_nans(), sm3fn.sm3(0.1))
+        updates, state = tx.update(grads, state, params)
+        state["0", "w"]   # tensor(True) if grads["w"] held a NaN
+    """
+
+    def init(params: Tree) -> OptState:
+        leaves = _tree.flatten(params, "params")
+        return _tree.state_tree(
+            {p: torch.zeros((), dtype=torch.bool, device=v.device) for p, v in leaves.items() if v is not None})
+
+    def update(updates: Tree, state: OptState, params: Optional[Tree] = None):
+        leaves = _tree.flatten(updates, "updates")
+        flags = _tree.flatten(state, "state")
+        _tree.check_same_keys(leaves, flags, "zero_nans")
+        out: dict[_tree.Path, Optional[torch.Tensor]] = {}
+        new_flags: dict[_tree.Path, torch.Tensor] = {}
+        for path, u in leaves.items():
+            if u is None:
+                out[path], new_flags[path] = None, flags[path]
+                continue
+            values = u.coalesce().values() if u.layout == torch.sparse_coo else u
+            nan = torch.isnan(values)
+            new_flags[path] = nan.any().to(flags[path].device)
+            cleaned = torch.where(nan, torch.zeros_like(values), values)
+            if u.layout == torch.sparse_coo:
+                cleaned = torch.sparse_coo_tensor(u.coalesce().indices(), cleaned, u.shape)
+            out[path] = cleaned
+        return _tree.unflatten_like(updates, out), _tree.state_tree(new_flags)
+
+    return GradientTransformation(init, update)

@@ -23,6 +23,8 @@ from tensordict import TensorDict, TensorDictBase
 from sm3fn import _tree
 from sm3fn.base import GradientTransformation, OptState, Tree
 
+__all__ = ["Mask", "Labels", "masked", "partition"]
+
 #: ``fn(path, tensor) -> bool`` or a tree of bools
 Mask = Union[Callable[[str, Optional[torch.Tensor]], bool], Tree]
 #: ``fn(path, tensor) -> label`` or a tree of labels

@@ -12,12 +12,15 @@ from sm3fn._kernels import sparse as _sparse
 from sm3fn._sm3_math import ema as ema_step
 from sm3fn.base import GradientTransformation, OptState, Tree
 
+__all__ = ["ema", "trace"]
+
 # (buffer, update) -> (new buffer, outgoing update)
 _BufferStep = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 def _buffered(
-    owner: str, dtype: Optional[torch.dtype], step: _BufferStep, sparse: _sparse.SparseSpec = None
+    owner: str, dtype: Optional[torch.dtype], step: _BufferStep, sparse: _sparse.SparseSpec = None,
+    decay: float | torch.Tensor = 0.0,
 ) -> GradientTransformation:
     """A transform that keeps one buffer per parameter, shaped like it.
 
@@ -28,6 +31,7 @@ def _buffered(
     """
     _checks.check_dtype_arg("dtype", dtype)
     declared_sparse = _sparse.check_spec(sparse)
+    _checks.check_scalar("decay", decay, 0.0, 1.0)
 
     def init(params: Tree) -> OptState:
         buffers = {}
@@ -39,6 +43,8 @@ def _buffered(
         return _tree.state_tree(buffers)
 
     def update(updates: Tree, state: OptState, params: Optional[Tree] = None) -> tuple[Tree, OptState]:
+        # a tensor decay may have been changed in place since the factory checked it
+        _checks.check_scalar("decay", decay, 0.0, 1.0)
         incoming = _tree.flatten(updates, "updates")
         buffers = _tree.flatten(state, f"{owner} state")
         passed = {p for p in incoming if declared_sparse(p) and p not in buffers}
@@ -58,8 +64,8 @@ def _buffered(
             if path in passed:
                 outgoing[path] = u
                 continue
-            if u is None or _sparse.is_sparse(u):
-                outgoing[path], new_buffers[path] = u, buffers[path]
+            if u is None or _sparse.is_sparse(u):  # buffer kept, as a copy: the new state shares nothing
+                outgoing[path], new_buffers[path] = u, buffers[path].clone()
                 continue
             new_buffers[path], out = step(buffers[path], u.to(buffers[path].dtype))
             outgoing[path] = out.to(u.dtype)
@@ -87,13 +93,12 @@ def ema(
         :func:`scale_by_sm3`): they keep no buffer and get no momentum.  A
         sparse update passes through unchanged in any case.
     """
-    _checks.check_scalar("decay", decay, 0.0, 1.0)
 
     def step(m: torch.Tensor, u: torch.Tensor):
         new = ema_step(m, u, decay)
         return new, new  # the new buffer is also the outgoing update
 
-    return _buffered("ema", dtype, step, sparse)
+    return _buffered("ema", dtype, step, sparse, decay)
 
 
 def trace(
@@ -112,7 +117,6 @@ def trace(
       dtype: the buffer's dtype (as in :func:`ema`).
       sparse: parameters with sparse gradients, kept out of the momentum (as in :func:`ema`).
     """
-    _checks.check_scalar("decay", decay, 0.0, 1.0)
     if not isinstance(nesterov, bool):
         raise TypeError(f"nesterov must be a bool, got {nesterov!r}")
 
@@ -120,4 +124,4 @@ def trace(
         new = m * decay + u
         return new, (u + new * decay) if nesterov else new
 
-    return _buffered("trace", dtype, step, sparse)
+    return _buffered("trace", dtype, step, sparse, decay)

@@ -10,6 +10,8 @@ from tensordict import TensorDict
 from sm3fn import _checks, _tree
 from sm3fn.base import GradientTransformation, OptState, ScalarOrSchedule, Schedule, Tree, empty_state
 
+__all__ = ["scale", "scale_by_schedule", "scale_by_learning_rate"]
+
 COUNT = "count"
 
 
@@ -70,13 +72,15 @@ def scale_by_learning_rate(learning_rate: ScalarOrSchedule) -> GradientTransform
     ``learning_rate`` is a float, a tensor (gradients flow to it: a
     meta-learned rate) or a schedule ``step -> rate``.
     """
-    _checks.check_scalar("learning_rate", learning_rate, 0.0, allow_callable=True)
+    _checks.check_scalar("learning_rate", learning_rate, 0.0, allow_callable=True, finite=True)
     if callable(learning_rate) and not isinstance(learning_rate, torch.Tensor):
         return scale_by_schedule(lambda count: -learning_rate(count))
     if isinstance(learning_rate, torch.Tensor):
         # negated at every update, not once here: an in-place change of the
-        # tensor (lr.fill_(...)) then applies, eagerly and in a compiled step
+        # tensor (lr.fill_(...)) then applies, eagerly and in a compiled step,
+        # and is checked again wherever its value can be read
         def update(updates: Tree, state: OptState, params: Optional[Tree] = None) -> tuple[Tree, OptState]:
+            _checks.check_scalar("learning_rate", learning_rate, 0.0, finite=True)
             return _scaled(updates, -learning_rate), state
 
         return GradientTransformation(scale(learning_rate).init, update)

@@ -13,6 +13,8 @@ from sm3fn._kernels import sparse as _sparse
 from sm3fn._sm3_math import init_accumulators, param_shape
 from sm3fn.base import GradientTransformation, OptState, Tree
 
+__all__ = ["scale_by_sm3"]
+
 ACCUMULATOR = "accumulator_{}"
 
 
@@ -90,7 +92,7 @@ def scale_by_sm3(
     Optimization", NeurIPS 2019, arXiv:1901.11150.
     """
     _checks.check_scalar("beta", beta, 0.0, 1.0)
-    _checks.check_scalar("eps", eps, 0.0)
+    _checks.check_scalar("eps", eps, 0.0, finite=True)
     if isinstance(eps, torch.Tensor):
         raise TypeError("eps must be a float, got a tensor")
     _checks.check_dtype_arg("accumulator_dtype", accumulator_dtype)
@@ -117,6 +119,8 @@ def scale_by_sm3(
         return accumulator_state(per_param)
 
     def update(updates: Tree, state: OptState, params: Optional[Tree] = None) -> tuple[Tree, OptState]:
+        # a tensor beta may have been changed in place since the factory checked it
+        _checks.check_scalar("beta", beta, 0.0, 1.0)
         accs_by_path = accumulators_by_param(state)
         # before any gradient is read: torch.compile rejects a sparse one on sight
         _sparse.check_not_compiling(

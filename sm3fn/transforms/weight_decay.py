@@ -10,6 +10,8 @@ from sm3fn import _checks, _tree
 from sm3fn.base import GradientTransformation, OptState, Tree, empty_state
 from sm3fn.transforms.masking import Mask, resolve
 
+__all__ = ["add_decayed_weights"]
+
 
 def add_decayed_weights(
     weight_decay: float | torch.Tensor = 1e-4, mask: Optional[Mask] = None

@@ -100,7 +100,7 @@ def check_scalar(
     if high is not None:
         ok = ok and (v <= high if high_inclusive else v < high)
     elif finite:
-        ok = ok and not math.isinf(v)
+        ok = ok and abs(v) < float("inf")  # a comparison, as above: math.isinf breaks a graph
     if not ok:
         raise ValueError(f"{name} must be in {_interval(low, high, high_inclusive, finite)}, got {value!r}")
 

@@ -334,7 +334,8 @@ def machine() -> str:
 
 def main(argv: Optional[list[str]] = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--presets", nargs="+", default=None, choices=sorted(PRESETS))
+    ap.add_argument("--presets", nargs="+", default=None, choices=sorted(PRESETS) + ["conv"],
+                    help="GPT-2 sizes, or conv: a ResNet-50-like net (sm3fn.benchmark_conv)")
     ap.add_argument("--repeats", type=int, default=None, help="timed steps per optimizer")
     ap.add_argument("--quick", action="store_true", help="tiny preset, 3 repeats, no torch.compile")
     ap.add_argument("--no-compile", action="store_true", help="skip the compiled sm3fn variants")
@@ -346,6 +347,11 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     print(f"machine: {machine()}")
     results = []
     for preset in presets:
+        if preset == "conv":  # per-shape ratios, contiguous and channels_last, float32 and bfloat16
+            from sm3fn import benchmark_conv
+
+            benchmark_conv.run(repeats)
+            continue
         res = bench_preset(preset, repeats, include_compiled=not (args.quick or args.no_compile))
         print(format_table(res), flush=True)
         results.append(res)
@@ -355,7 +361,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
         + ", ".join(f"{k} {v:.2f} ms" for k, v in over["median_ms"].items())
         + f"; functional / plain loop = {over['ratio']:.2f}x"
     )
-    if args.plot:
+    if args.plot and results:  # the GPT-2 presets' (the conv preset prints its own tables)
         plot(results, args.plot)
         print(f"plot saved to {args.plot}")
     return results

@@ -187,7 +187,7 @@ def test_functional_optimizer_one_element_lr_keeps_shapes():
 
 def _uncovered_cases():
     yield "meta", lambda: torch.nn.Parameter(torch.randn(3, 4, device="meta")), {}
-    yield "non-contiguous", lambda: torch.nn.Parameter(torch.randn(4, 3).t()), {}
+    yield "a view with gaps", lambda: torch.nn.Parameter(torch.randn(3, 8)[:, ::2]), {}
     yield "float16 statistics", lambda: torch.nn.Parameter(torch.randn(3, 4, dtype=torch.float16)), {
         "accumulator_dtype": torch.float16}
 
@@ -214,12 +214,12 @@ def test_fused_true_refuses_uncovered_tensors_and_none_chooses(case):
 
 
 def test_fused_true_refusal_in_sm3_update_changes_nothing():
-    params = {"w": torch.randn(4, 3).t(), "b": torch.randn(4)}
+    params = {"w": torch.randn(3, 8)[:, ::2], "b": torch.randn(4)}
     grads = {k: torch.randn_like(v) for k, v in params.items()}
     state = sm3fn.sm3(0.1).init(params)
     kept_p = {k: v.clone() for k, v in params.items()}
     kept_s = state.clone()
-    with pytest.raises(ValueError, match="fused=True.*non-contiguous"):
+    with pytest.raises(ValueError, match=r"fused=True.*shape \(3, 4\).*strides \(8, 2\)"):
         sm3fn.sm3_update_(params, grads, state, learning_rate=0.1, fused=True)
     assert all(torch.equal(params[k], kept_p[k]) for k in params)
     assert all(torch.equal(state[k], kept_s[k]) for k in state.keys(True, True))

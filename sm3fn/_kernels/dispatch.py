@@ -120,14 +120,14 @@ def refuse_uncovered(p: torch.Tensor, g: torch.Tensor, accs: Sequence[torch.Tens
     """
     if g.numel() == 0 or _fused.supported(p, g, accs, m):
         return
-    contiguous = p.is_contiguous() and g.is_contiguous()
     raise ValueError(
         f"fused=True, but the fused SM3 kernel does not cover {name} of shape {tuple(p.shape)} "
-        f"({type(p).__name__}, dtype {p.dtype}, device {p.device}, layout {g.layout}, "
-        f"{'' if contiguous else 'non-'}contiguous, gradient dtype {g.dtype}, statistics dtype "
-        f"{accs[0].dtype}); it steps plain contiguous CPU tensors (float32/float64 with statistics of "
-        "their dtype, bfloat16/float16 with float32 statistics). Pass fused=None to let each tensor "
-        "take the path that covers it."
+        f"({type(p).__name__}, dtype {p.dtype}, device {p.device}, layout {g.layout}, strides "
+        f"{p.stride()} (gradient {g.stride()}), gradient dtype {g.dtype}, statistics dtype "
+        f"{accs[0].dtype}); it steps plain dense CPU tensors (contiguous or a permutation of it, the "
+        "gradient laid out as the parameter; float32/float64 with statistics of their dtype, "
+        "bfloat16/float16 with float32 statistics). Pass fused=None to let each tensor take the "
+        "path that covers it."
     )
 
 

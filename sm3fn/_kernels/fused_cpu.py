@@ -31,12 +31,13 @@ without reading or writing the parameter, and the new accumulators to fresh
 small tensors: ``sm3fn.sm3``'s whole step, ``scale_by_sm3``, the momentum and
 ``-lr``, in one pass.
 
-The sweep (``k >= 2`` dims): the tensor is seen as ``rows x m`` (``m`` the
-last dim).  For each row, every element's ``nu``, ``u``, momentum and new
+The sweep (``k >= 2`` dims): :mod:`sm3fn._kernels.layout` presents the
+tensor, in any dense layout, as ``rows x m`` in memory order (groups of dims
+folded into small tables of accumulator minima, reduced back after the
+sweep), and the kernel sees that 2-D problem.  For each row, every element's ``nu``, ``u``, momentum and new
 parameter come from the traced lines; the row's maximum of ``nu`` goes to the
-accumulators of the leading dims, and each column's running maximum to the
-last one.  Each thread keeps its own running maxima (``threads x sum(shape)``
-numbers, in a tensor the caller allocates, so that the allocator sees
+row accumulator, and each column's running maximum to the column one.  Each
+thread keeps its own running maxima (``threads x (rows + cols)`` numbers, in a tensor the caller allocates, so that the allocator sees
 it), merged and saturated after the sweep, so the old accumulator
 values every row reads are never overwritten mid-step.  0-d/1-d tensors
 have a full-size accumulator: their sweep is elementwise.
@@ -51,6 +52,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from sm3fn._kernels import layout as _layout
 from sm3fn._sm3_math import cover_minimum, ema, precondition, saturate, second_moment
 
 #: statistics (accumulator and momentum) dtypes the kernel is generated for
@@ -520,7 +522,8 @@ def build(g: torch.Tensor, accs: Sequence[torch.Tensor], m: Optional[torch.Tenso
     (``beta * min a + (1 - beta) * g*g``), a different formula rather than
     another value (``beta = 0`` in the second would drop the accumulators).
     """
-    return _kernel(g.dtype, accs[0].dtype, max(g.dim(), 1), m is not None, float(beta) == 0.0, mode)
+    # every tensor of 2 or more dims is swept as a 2-D row problem (see _run)
+    return _kernel(g.dtype, accs[0].dtype, min(max(g.dim(), 1), 2), m is not None, float(beta) == 0.0, mode)
 
 
 def _kernel(param_dtype: torch.dtype, dtype: torch.dtype, k: int, with_momentum: bool, beta_zero: bool,
@@ -561,10 +564,15 @@ def supported(p: torch.Tensor, g: torch.Tensor, accs: Sequence[torch.Tensor],
               m: Optional[torch.Tensor]) -> bool:
     """Whether the kernel can step this parameter (else the blocked path does).
 
-    CPU, dense, contiguous; the gradient in the parameter's dtype; the
-    accumulators and momentum buffer in one statistics dtype: the parameter's
-    for float32/float64, float32 for bfloat16/float16 (see :data:`PARAMS`);
-    plain tensors only (no DTensor or other subclass).
+    CPU, dense: contiguous, or for 2+ dims any permutation of contiguous
+    (``channels_last``, a transpose; :func:`layout.physical_order`) with the
+    gradient and momentum buffer laid out as the parameter, and a split whose
+    tables stay small (:func:`layout.presentable`; else the blocked path,
+    which takes any strides, steps it); contiguous accumulators; the
+    gradient in the parameter's dtype; the accumulators and momentum buffer in
+    one statistics dtype: the parameter's for float32/float64, float32 for
+    bfloat16/float16 (see :data:`PARAMS`); plain tensors only (no DTensor or
+    other subclass).
     """
     if len(accs) != max(1, g.dim()):
         return False  # a row-cover state (sparse gradients before) on a dense gradient
@@ -576,9 +584,15 @@ def supported(p: torch.Tensor, g: torch.Tensor, accs: Sequence[torch.Tensor],
     if stats != (p.dtype if p.dtype in STATISTICS else torch.float32):
         return False
     for t in (p, g, *accs) if m is None else (p, g, *accs, m):
-        if (type(t) not in _PLAIN or t.device.type != "cpu"
-                or t.layout != torch.strided or not t.is_contiguous()):
+        if type(t) not in _PLAIN or t.device.type != "cpu" or t.layout != torch.strided:
             return False
+    if not all(a.is_contiguous() for a in accs):
+        return False
+    tensors = (p, g) if m is None else (p, g, m)
+    if p.dim() >= 2 and not (_layout.same_layout(*tensors) and _layout.presentable(p)):
+        return False
+    if p.dim() <= 1 and not all(t.is_contiguous() for t in tensors):
+        return False
     return all(t.dtype == stats for t in accs) and (m is None or m.dtype == stats)
 
 
@@ -595,19 +609,26 @@ def hyperparameters(lr, momentum, beta, eps) -> torch.Tensor:
     return torch.tensor([float(lr), float(momentum), float(beta), float(eps)], dtype=torch.float64)
 
 
-def _threads(g: torch.Tensor) -> int:
-    threads = 1 if g.numel() < _PARALLEL_MIN_ELEMENTS else torch.get_num_threads()
-    return threads if g.dim() <= 1 else max(1, min(threads, g.numel() // g.shape[-1]))
-
-
 def _run(kernel, g, p_in, p_out, m_in, m_out, accs_in, accs_out, hp) -> None:
-    threads = _threads(g)
+    threads = 1 if g.numel() < _PARALLEL_MIN_ELEMENTS else torch.get_num_threads()
     if g.dim() <= 1:
         kernel(g, p_in, p_out, m_in, m_out, accs_in[0], accs_out[0], hp, g.numel(), threads)
-    else:
-        # the threads' running maxima: sum(shape) numbers each, SM3's own state size
-        running = torch.empty(threads * sum(g.shape), dtype=accs_in[0].dtype)
-        kernel(g, p_in, p_out, m_in, m_out, *accs_in, *accs_out, hp, *g.shape, threads, running)
+        return
+    # any rank, any dense layout: rows x cols in memory order, groups of dims folded into tables
+    # (m_in/m_out stand in for the momentum buffer without one: never read or written then)
+    with_m = m_in is not accs_in[0]
+    problem = _layout.row_problem([g, p_in, p_out] + ([m_in, m_out] if with_m else []), accs_in,
+                                  threads, new_accs=accs_out)
+    assert problem is not None, "supported() admits only the tensors the layout presents"
+    g, p_in, p_out, *ms = problem.views
+    m_in, m_out = ms if with_m else (problem.row_acc, problem.row_out)
+    rows, cols = g.shape
+    threads = max(1, min(threads, rows))
+    # the threads' running maxima: rows + cols numbers each, a fraction of the parameter
+    running = torch.empty(threads * (rows + cols), dtype=accs_in[0].dtype)
+    kernel(g, p_in, p_out, m_in, m_out, problem.row_acc, problem.col_acc, problem.row_out, problem.col_out,
+           hp, rows, cols, threads, running)
+    problem.finish()
 
 
 def sweep_(kernel, p: torch.Tensor, g: torch.Tensor, accs: Sequence[torch.Tensor],
@@ -633,9 +654,9 @@ def sweep(kernel, g: torch.Tensor, accs: Sequence[torch.Tensor], m: Optional[tor
     (and the new ``m``) once; the outputs are made with ``torch.empty``
     (every element is written, so no zero-fill pass).
     """
-    update = torch.empty_like(g, memory_format=torch.contiguous_format)
+    update = torch.empty_like(g)  # in g's (dense) layout, as the kernel sweeps g
     new_accs = [torch.empty_like(a, memory_format=torch.contiguous_format) for a in accs]
-    new_m = None if m is None else torch.empty_like(m, memory_format=torch.contiguous_format)
+    new_m = None if m is None else torch.empty_like(m)
     mom_in = m if m is not None else accs[0]  # never read without momentum
     mom_out = new_m if new_m is not None else new_accs[0]  # never written without momentum
     _run(kernel, g, g, update, mom_in, mom_out, accs, new_accs, hp)

@@ -33,6 +33,7 @@ from sm3fn._kernels import check_kernel_choice, sm3_step_
 from sm3fn._kernels import sharded as _sharded
 from sm3fn._kernels import sparse as _sparse
 from sm3fn._kernels.dispatch import refuse_uncovered
+from sm3fn._sm3_math import accumulator_shapes
 from sm3fn.alias import sm3 as sm3_tx
 from sm3fn.optim.functional import PARAM, FunctionalOptimizer, Template, one_value, param_key
 from sm3fn.optim.functional import _describe as _describe_value
@@ -144,7 +145,7 @@ class SM3(FunctionalOptimizer):
         blocked path; ``False``: always the blocked path (no compiler needed);
         ``True``: an error if it cannot be built, and a ``ValueError`` naming
         any dense parameter it does not cover (other statistics dtypes,
-        CUDA, meta, non-contiguous), raised before anything changes, as
+        CUDA, meta, views with gaps), raised before anything changes, as
         ``torch.optim.Adam(fused=True)`` refuses; with ``None`` those take
         the blocked path.  Sparse gradients take the sparse path either way;
         DTensors run it on their local shards.  Same numbers to float
@@ -290,17 +291,17 @@ class SM3(FunctionalOptimizer):
         """``fused=True``: a ``ValueError`` if the fused kernel does not cover ``p`` (checked
         for every group before any is stepped; a parameter without state yet is probed with
         stand-ins of the statistics dtypes its state will have)."""
-        def probe(dtype):
-            return torch.empty((), dtype=_checks.statistics_dtype(p.dtype, dtype), device=p.device)
-
         if f"{ACCUMULATOR}0" in state:
             accs = _accumulators(state, p)
-        else:
-            accs = [probe(self.accumulator_dtype) for _ in range(max(1, p.dim()))]
+        else:  # small: the accumulators' own shapes, as tx.init makes them
+            dtype = _checks.statistics_dtype(p.dtype, self.accumulator_dtype)
+            accs = [torch.empty(s, dtype=dtype, device=p.device) for s in accumulator_shapes(p.shape)]
         m = None
         if group["momentum"] > 0:
             m = state.get(MOMENTUM_BUFFER)
-            m = m if isinstance(m, torch.Tensor) else probe(self.momentum_dtype)
+            if not isinstance(m, torch.Tensor):  # laid out as tx.init's zeros_like(p) will be (unwritten)
+                m = torch.empty_strided(p.shape, p.stride(), device=p.device,
+                                        dtype=_checks.statistics_dtype(p.dtype, self.momentum_dtype))
         name = self._describe_param(group, p, index[id(p)]).rsplit(" of shape", 1)[0]  # the error adds it
         refuse_uncovered(p, p.grad, accs, m, name)
 

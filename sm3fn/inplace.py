@@ -3,8 +3,10 @@
 ``tx.update`` + ``apply_updates`` are pure: every step allocates new
 parameters, updates and state (what ``torch.func`` and meta-learning need).
 When nothing differentiates through the step, :func:`sm3_update_` does the
-same step on the same state TensorDict in place, through the fast path
-(blocks that stay in cache, no parameter-sized temporaries).
+same step on the same state TensorDict in place, through the dispatcher's
+in-place step (:func:`sm3fn._kernels.sm3_step_`: the fused kernel on a CPU,
+blocks that stay in cache elsewhere; sparse gradients and DTensors as in
+every other entry point), with no parameter-sized temporaries.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ There is no hand-written copy of the equations here.  The per-element
 arithmetic is *traced*: :func:`_body` runs the very functions of
 :mod:`sm3fn._sm3_math` that the differentiable and eager paths run
 (``cover_minimum``, ``second_moment``, ``precondition``, ``ema``,
-``saturate``) on symbolic scalars (:class:`_Sym`, which answers torch's
+``saturate``) on symbolic scalars (:class:`~sm3fn._kernels.trace.Sym`, which answers torch's
 ``__torch_function__`` protocol), and each torch call they make becomes one
 line of C++ on ``at::vec::Vectorized`` (the SIMD type inductor's kernels use).
 The C++ template below holds only loads, stores, the loop over rows and the
@@ -45,14 +45,16 @@ have a full-size accumulator: their sweep is elementwise.
 
 from __future__ import annotations
 
+import sys
 import threading
 import warnings
 from collections import OrderedDict
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
 from sm3fn._kernels import layout as _layout
+from sm3fn._kernels.trace import Sym, Trace
 from sm3fn._sm3_math import cover_minimum, ema, precondition, saturate, second_moment
 
 #: statistics (accumulator and momentum) dtypes the kernel is generated for
@@ -66,49 +68,6 @@ _PARALLEL_MIN_ELEMENTS = 1 << 16
 
 
 # --------------------------------------------------------------------------- tracing
-
-
-class _Sym:
-    """A symbolic SIMD value: a C++ expression of ``at::vec::Vectorized<scalar_t>``.
-
-    The ``_sm3_math`` functions run on it as on a tensor: every torch call and
-    operator they make is recorded, in order, as one C++ line by the
-    :class:`_Trace` it belongs to.  Only the calls those functions make are
-    known; any other raises, so a change to the math that the generator cannot
-    express fails loudly (a :class:`BuildError`: ``fused=None`` then takes the
-    blocked path), rather than generating something else.
-    """
-
-    def __init__(self, trace: _Trace, name: str, dtype: torch.dtype):
-        self.trace, self.name, self.dtype = trace, name, dtype
-
-    @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):
-        kwargs = dict(kwargs or {})
-        if kwargs.pop("out", None) is not None:
-            raise NotImplementedError("the fused kernel traces the out-of-place math only")
-        trace = next(a.trace for a in _flat(args, kwargs) if isinstance(a, _Sym))
-        return trace.call(func, args, kwargs)
-
-    def __bool__(self):
-        # a Python branch on a traced value would bake one side into the kernel
-        raise NotImplementedError("the fused kernel cannot branch on a traced value")
-
-    # Python operators (``nu != 0``, ``lr * u``) record the same lines; set below the class
-    __hash__ = object.__hash__
-
-
-def _operator(func, reflected: bool):
-    def operator(self, other):
-        return self.trace.call(func, (other, self) if reflected else (self, other), {})
-    return operator
-
-
-for _name, _func in {"ne": torch.ne, "eq": torch.eq, "mul": torch.mul, "add": torch.add,
-                     "sub": torch.sub, "truediv": torch.div}.items():
-    setattr(_Sym, f"__{_name}__", _operator(_func, reflected=False))
-    if _name in ("mul", "add", "sub"):
-        setattr(_Sym, f"__r{_name}__", _operator(_func, reflected=True))
 
 
 class _Hyper:
@@ -128,7 +87,7 @@ class _Hyper:
 
     # torch looks for the protocol on every argument; the call is recorded by the
     # trace of the symbolic value it is combined with
-    __torch_function__ = _Sym.__torch_function__
+    __torch_function__ = Sym.__torch_function__
 
     def _combine(self, other, op: str, reflected: bool = False) -> _Hyper:
         if isinstance(other, bool) or not isinstance(other, (int, float, _Hyper)):
@@ -158,27 +117,15 @@ class _Hyper:
     __hash__ = object.__hash__
 
 
-def _flat(args, kwargs):
-    for a in list(args) + list(kwargs.values()):
-        if isinstance(a, (list, tuple)):
-            yield from a
-        else:
-            yield a
-
-
-class _Trace:
+class _Trace(Trace):
     """Records the C++ lines of one traced computation (SSA: one ``auto tN`` per call)."""
 
-    def __init__(self, dtype: torch.dtype):
-        self.dtype, self.count = dtype, 0
-        self.lines: list[str] = []
-
-    def input(self, name: str) -> _Sym:
-        return _Sym(self, name, self.dtype)
+    def assign(self, name: str, expr: str) -> str:
+        return f"auto {name} = {expr};"
 
     def value(self, x) -> str:
         """C++ for an operand: a symbol's name, or a Python number as an exact vector constant."""
-        if isinstance(x, _Sym):
+        if isinstance(x, Sym):
             return x.name
         if isinstance(x, _Hyper):  # rounded once to the statistics dtype, as ATen rounds a scalar
             return f"V(static_cast<scalar_t>({x.expr}))"
@@ -187,13 +134,7 @@ class _Trace:
         # a hex literal is exact; the cast rounds as ATen's scalar-to-dtype cast does
         return f"V(static_cast<scalar_t>({float(x).hex()}))"
 
-    def emit(self, expr: str) -> _Sym:
-        name = f"t{self.count}"
-        self.count += 1
-        self.lines.append(f"auto {name} = {expr};")
-        return _Sym(self, name, self.dtype)
-
-    def call(self, func, args, kwargs) -> _Sym:
+    def call(self, func, args, kwargs) -> Sym:
         v = self.value
         if func in (torch.minimum, torch.Tensor.minimum) and not kwargs:
             return self.emit(f"at::vec::minimum({v(args[0])}, {v(args[1])})")
@@ -208,7 +149,7 @@ class _Trace:
         if func is torch.add:
             alpha = kwargs.pop("alpha", 1)
             _no_more(func, kwargs)
-            if not isinstance(alpha, _Sym) and alpha == 1:
+            if not isinstance(alpha, Sym) and alpha == 1:
                 return self.emit(f"{v(args[0])} + {v(args[1])}")
             return self.emit(f"{v(args[0])} + {v(alpha)} * {v(args[1])}")
         binary = {torch.sub: "-", torch.mul: "*", torch.div: "/"}
@@ -280,7 +221,8 @@ def _body(dtype: torch.dtype, k: int, with_momentum: bool, beta_zero: bool, mode
     g = t.input("g_")
     accs = [t.input(f"a{i}_") for i in range(max(k, 1))]
     nu = second_moment(g, cover_minimum(accs), beta)
-    u = precondition(g, nu, eps)
+    u: Any = precondition(g, nu, eps)  # symbolic values (_Sym) where the math types tensors
+    out: Any
     lines_out = [f"auto nu_o = {nu.name};"]
     if mode != "inplace":
         u = t.emit(f"round_p({u.name})")  # scale_by_sm3's u.to(g.dtype)
@@ -645,6 +587,51 @@ def sweep_(kernel, p: torch.Tensor, g: torch.Tensor, accs: Sequence[torch.Tensor
     torch.autograd.graph.increment_version([p, *accs] if m is None else [p, *accs, m])
 
 
+#: outputs this large ask the kernel for transparent huge pages (see :func:`fresh_like`)
+HUGE_PAGE_MIN_BYTES = 4 << 20
+_HUGE_PAGE = 2 << 20
+_madvise: Any = None  # libc's madvise once looked up; False where there is none
+
+
+def fresh_like(like: torch.Tensor) -> torch.Tensor:
+    """``torch.empty_like(like)`` (a dense layout kept, e.g. channels_last), with huge pages
+    asked for where it is large.
+
+    A fresh tensor of many MiB comes from ``mmap`` and is returned to the
+    system when freed, so every step of the pure path would take one page
+    fault per 4 KiB written: on a 2-core EPYC that cost more than the
+    sweep itself (docs: the pure step's breakdown).  ``madvise(MADV_HUGEPAGE)``
+    on the untouched memory makes those faults 2 MiB each (what PyTorch's
+    ``THP_MEM_ALLOC_ENABLE=1`` does for every allocation).  Linux only;
+    elsewhere, or where the call fails, the tensor is just ``empty_like``'s.
+    """
+    out = torch.empty_like(like)  # dense and non-overlapping: spans numel elements
+    nbytes = out.numel() * out.element_size()
+    if nbytes >= HUGE_PAGE_MIN_BYTES and _advise() is not None:
+        start = -(-out.data_ptr() // _HUGE_PAGE) * _HUGE_PAGE  # the 2 MiB-aligned inside
+        end = (out.data_ptr() + nbytes) // _HUGE_PAGE * _HUGE_PAGE
+        if end > start:
+            _madvise(start, end - start, 14)  # MADV_HUGEPAGE; a failure only costs speed
+    return out
+
+
+def _advise():
+    """libc's ``madvise`` (Linux), or None."""
+    global _madvise
+    if _madvise is None:
+        _madvise = False
+        if sys.platform.startswith("linux"):
+            try:
+                import ctypes
+
+                libc = ctypes.CDLL(None, use_errno=True)
+                libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+                _madvise = libc.madvise
+            except (OSError, AttributeError):
+                pass
+    return _madvise or None
+
+
 def sweep(kernel, g: torch.Tensor, accs: Sequence[torch.Tensor], m: Optional[torch.Tensor],
           hp: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], Optional[torch.Tensor]]:
     """One pure SM3 step: ``(update, new accumulators, new momentum buffer)``, all fresh tensors.
@@ -654,9 +641,9 @@ def sweep(kernel, g: torch.Tensor, accs: Sequence[torch.Tensor], m: Optional[tor
     (and the new ``m``) once; the outputs are made with ``torch.empty``
     (every element is written, so no zero-fill pass).
     """
-    update = torch.empty_like(g)  # in g's (dense) layout, as the kernel sweeps g
+    update = fresh_like(g)  # in g's (dense) layout, as the kernel sweeps g
     new_accs = [torch.empty_like(a, memory_format=torch.contiguous_format) for a in accs]
-    new_m = None if m is None else torch.empty_like(m)
+    new_m = None if m is None else fresh_like(m)
     mom_in = m if m is not None else accs[0]  # never read without momentum
     mom_out = new_m if new_m is not None else new_accs[0]  # never written without momentum
     _run(kernel, g, g, update, mom_in, mom_out, accs, new_accs, hp)

@@ -113,23 +113,23 @@ def _built(use: bool, strict: bool, items: list, build) -> dict:
 
 def refuse_uncovered(p: torch.Tensor, g: torch.Tensor, accs: Sequence[torch.Tensor],
                      m: Optional[torch.Tensor], name: str = "a parameter") -> None:
-    """``fused=True`` on a tensor the fused kernel does not cover: a ``ValueError`` naming it.
+    """``fused=True`` on a tensor no fused kernel covers: a ``ValueError`` naming it.
 
     As ``torch.optim.Adam(fused=True)`` refuses what its kernel cannot step,
     rather than taking another path unasked; ``fused=None`` chooses per
-    tensor.  Asks :func:`fused_cpu.supported` (what the kernel covers is its
-    business); called before anything is written.
+    tensor.  Asks the kernels' own ``supported`` (the CPU sweep's, and the
+    Triton kernel's for CUDA tensors); called before anything is written.
     """
-    if g.numel() == 0 or _fused.supported(p, g, accs, m):
+    if g.numel() == 0 or _fused.supported(p, g, accs, m) or _triton.supported(p, g, accs, m):
         return
     raise ValueError(
-        f"fused=True, but the fused SM3 kernel does not cover {name} of shape {tuple(p.shape)} "
+        f"fused=True, but no fused SM3 kernel covers {name} of shape {tuple(p.shape)} "
         f"({type(p).__name__}, dtype {p.dtype}, device {p.device}, layout {g.layout}, strides "
         f"{p.stride()} (gradient {g.stride()}), gradient dtype {g.dtype}, statistics dtype "
-        f"{accs[0].dtype}); it steps plain dense CPU tensors (contiguous or a permutation of it, the "
-        "gradient laid out as the parameter; float32/float64 with statistics of their dtype, "
-        "bfloat16/float16 with float32 statistics). Pass fused=None to let each tensor take the "
-        "path that covers it."
+        f"{accs[0].dtype}); they step plain dense tensors on a CPU (contiguous or a permutation of "
+        "it, the gradient laid out as the parameter) or, with Triton, contiguous CUDA ones; "
+        "float32/float64 with statistics of their dtype, bfloat16/float16 with float32 statistics. "
+        "Pass fused=None to let each tensor take the path that covers it."
     )
 
 

@@ -144,8 +144,8 @@ class SM3(FunctionalOptimizer):
         ``None`` (default): wherever it can be built, else (one warning) the
         blocked path; ``False``: always the blocked path (no compiler needed);
         ``True``: an error if it cannot be built, and a ``ValueError`` naming
-        any dense parameter it does not cover (other statistics dtypes,
-        CUDA, meta, views with gaps), raised before anything changes, as
+        any dense parameter no fused kernel covers (other statistics dtypes,
+        meta, views with gaps; CUDA without Triton), raised before anything changes, as
         ``torch.optim.Adam(fused=True)`` refuses; with ``None`` those take
         the blocked path.  Sparse gradients take the sparse path either way;
         DTensors run it on their local shards.  Same numbers to float
@@ -288,7 +288,7 @@ class SM3(FunctionalOptimizer):
 
     def _refuse_uncovered(self, group: Mapping[str, Any], p: torch.Tensor, state: Mapping[str, Any],
                           index: Mapping[int, int]) -> None:
-        """``fused=True``: a ``ValueError`` if the fused kernel does not cover ``p`` (checked
+        """``fused=True``: a ``ValueError`` if no fused kernel covers ``p`` (checked
         for every group before any is stepped; a parameter without state yet is probed with
         stand-ins of the statistics dtypes its state will have)."""
         if f"{ACCUMULATOR}0" in state:

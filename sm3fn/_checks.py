@@ -8,7 +8,6 @@ without tracing (not under ``torch.compile`` or ``torch.func`` transforms).
 
 from __future__ import annotations
 
-import math
 import numbers
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -97,11 +96,11 @@ def check_scalar(
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a float, got {value!r} of type {type(value).__name__}")
     v = float(value)
-    ok = not math.isnan(v) and v >= low
+    ok = v >= low  # False for NaN; no math.isnan, which breaks a torch.compile graph
     if high is not None:
         ok = ok and (v <= high if high_inclusive else v < high)
     elif finite:
-        ok = ok and not math.isinf(v)
+        ok = ok and abs(v) < float("inf")  # a comparison, as above: math.isinf breaks a graph
     if not ok:
         raise ValueError(f"{name} must be in {_interval(low, high, high_inclusive, finite)}, got {value!r}")
 

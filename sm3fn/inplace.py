@@ -26,7 +26,7 @@ from sm3fn.transforms.sm3 import accumulators_by_param, check_grad
 __all__ = ["sm3_update_"]
 
 
-def _as_float(name: str, value) -> float:
+def _as_float(name: str, value) -> float | torch.Tensor:
     """A hyperparameter as a Python float (the fast path specialises on it)."""
     if isinstance(value, torch.Tensor):
         if value.numel() != 1 or value.requires_grad:
@@ -35,6 +35,8 @@ def _as_float(name: str, value) -> float:
                 f"for sm3_update_ (use tx.update to differentiate through it), got shape "
                 f"{tuple(value.shape)}, requires_grad={value.requires_grad}"
             )
+        if torch.compiler.is_compiling():
+            return value.reshape(())  # a graph input (float() would break the graph)
         return float(value)
     return float(value)
 

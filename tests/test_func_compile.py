@@ -40,14 +40,6 @@ def assert_trees_close(a, b, **tol):
         torch.testing.assert_close(leaf, b[key], **tol, msg=str(key))
 
 
-@pytest.fixture
-def fresh_dynamo():
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
-
-
 def test_compiled_training_step_fullgraph_inductor(fresh_dynamo):
     """functional_call + grad + sm3 (momentum, scheduled lr) + apply_updates in one graph."""
     model = make_model()

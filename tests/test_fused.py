@@ -186,8 +186,9 @@ def test_learning_rate_changes_do_not_rebuild():
 
 def test_uncovered_tensors_take_the_blocked_path():
     """Statistics in another dtype than the kernel's, and views with gaps (not a permutation
-    of a contiguous tensor; a transpose is one, see tests/test_layout.py): fused=True
-    steps them exactly as fused=False does."""
+    of a contiguous tensor; a transpose is one, see tests/test_layout.py): fused=None steps
+    them exactly as fused=False does; fused=True refuses them (as Adam(fused=True) does),
+    with nothing written."""
     gen = torch.Generator().manual_seed(5)
     base = torch.randn(9, 24, generator=gen)
     cases = [
@@ -198,10 +199,17 @@ def test_uncovered_tensors_take_the_blocked_path():
     for p, stats in cases:
         assert not _fused.supported(p, p, list(init_accumulators(p, stats)), None)
         got = []
-        for fused in (True, False):
+        for fused in (True, None, False):
             q = p.clone() if p.is_contiguous() else base.clone()[:, ::2]
             accs = list(init_accumulators(q, stats))
             g = torch.randn(q.shape, generator=torch.Generator().manual_seed(6)).to(q.dtype)
+            if fused:
+                kept = q.clone()
+                with pytest.raises(ValueError, match="fused=True, but no fused SM3 kernel covers"):
+                    sm3_step_([q], [g], [accs], [None], lr=0.1, momentum=0.0, beta=0.0, eps=1e-30,
+                               fused=fused)
+                assert torch.equal(q, kept) and not any(a.any() for a in accs)
+                continue
             sm3_step_([q], [g], [accs], [None], lr=0.1, momentum=0.0, beta=0.0, eps=1e-30, fused=fused)
             got.append((q, accs))
         assert torch.equal(got[0][0], got[1][0])

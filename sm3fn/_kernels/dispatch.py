@@ -51,6 +51,7 @@ import torch
 from sm3fn import _checks
 from sm3fn._kernels import blocked as _blocked
 from sm3fn._kernels import fused_cpu as _fused
+from sm3fn._kernels import ops as _ops
 from sm3fn._kernels import reference as _reference
 from sm3fn._kernels import sharded as _sharded
 from sm3fn._kernels import sparse as _sparse
@@ -110,6 +111,28 @@ def _built(use: bool, strict: bool, items: list, build) -> dict:
         return {}
 
 
+def refuse_uncovered(p: torch.Tensor, g: torch.Tensor, accs: Sequence[torch.Tensor],
+                     m: Optional[torch.Tensor], name: str = "a parameter") -> None:
+    """``fused=True`` on a tensor no fused kernel covers: a ``ValueError`` naming it.
+
+    As ``torch.optim.Adam(fused=True)`` refuses what its kernel cannot step,
+    rather than taking another path unasked; ``fused=None`` chooses per
+    tensor.  Asks the kernels' own ``supported`` (the CPU sweep's, and the
+    Triton kernel's for CUDA tensors); called before anything is written.
+    """
+    if g.numel() == 0 or _fused.supported(p, g, accs, m) or _triton.supported(p, g, accs, m):
+        return
+    raise ValueError(
+        f"fused=True, but no fused SM3 kernel covers {name} of shape {tuple(p.shape)} "
+        f"({type(p).__name__}, dtype {p.dtype}, device {p.device}, layout {g.layout}, strides "
+        f"{p.stride()} (gradient {g.stride()}), gradient dtype {g.dtype}, statistics dtype "
+        f"{accs[0].dtype}); they step plain dense tensors on a CPU (contiguous or a permutation of "
+        "it, the gradient laid out as the parameter) or, with Triton, contiguous CUDA ones; "
+        "float32/float64 with statistics of their dtype, bfloat16/float16 with float32 statistics. "
+        "Pass fused=None to let each tensor take the path that covers it."
+    )
+
+
 # --------------------------------------------------------------------------- in place
 
 
@@ -121,8 +144,8 @@ def sm3_step_(
     momentum_buffers: Sequence[Optional[torch.Tensor]],
     *,
     lr: _Number,
-    momentum: float,
-    beta: float,
+    momentum: _Number,  # a tensor only under torch.compile, for the custom op
+    beta: _Number,
     eps: float,
     fused: Optional[bool] = None,
     compiled: bool = False,
@@ -142,6 +165,10 @@ def sm3_step_(
     """
     check_kernel_choice(fused, compiled)
     _check_block_elements(block_elements)
+    if _ops.applies(list(params) + [g for g in grads if g is not None], lr):
+        # under torch.compile: one custom op whose eager body is this function (sm3fn/_kernels/ops.py)
+        return _ops.step_(params, grads, accumulators, momentum_buffers, lr=lr, momentum=momentum,
+                          beta=beta, eps=eps, fused=fused)
     reducer = _sharded.MaxReducer()
     dense, sparse = [], []
     for p, g, accs, m in zip(params, grads, accumulators, momentum_buffers):
@@ -164,6 +191,9 @@ def sm3_step_(
 
 def _route_dense(items, *, lr, momentum, beta, eps, fused, compiled, block_elements) -> None:
     """Plain dense tensors ``(p, g, accs, m)``: the fused kernel where it applies, else the blocks."""
+    if fused is True:
+        for item in items:
+            refuse_uncovered(*item)
     swept = _built(_use_fused(fused, compiled), fused is True, items,
                    lambda p, g, accs, m: _fused.build(g, accs, m, beta))
     rest = [item for j, item in enumerate(items) if j not in swept]
@@ -237,6 +267,11 @@ def sm3_step(
     """
     n = len(grads)
     buffers = list(momentum_buffers) if momentum_buffers is not None else [None] * n
+    if _ops.applies([g for g in grads if g is not None] + [a for accs in accumulators for a in accs],
+                    beta, momentum, lr):
+        # under torch.compile, nothing to differentiate: one custom op whose eager body is this function
+        return _ops.step(grads, accumulators, buffers, lr=lr, momentum=momentum, beta=beta, eps=eps,
+                         fused=fused)
     paths = list(paths) if paths is not None else [()] * n
     updates: list = [None] * n
     new_accs = [list(a) for a in accumulators]

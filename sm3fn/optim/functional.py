@@ -96,6 +96,27 @@ def _describe(value: Any) -> str:
     return f"{value!r} ({type(value).__name__})"
 
 
+def one_value(name: str, value: Any) -> Any:
+    """A group's tensor hyperparameter as a 0-d view; a float or a schedule passes as is.
+
+    A group holds one value per hyperparameter, as torch.optim's tensor
+    ``lr`` (0-d or one element): a one-element tensor of any shape is viewed
+    as 0-d, so that it scales each parameter without broadcasting it to
+    another shape (a ``(1, 1)`` lr would turn a 1-d update 2-d).  A tensor
+    of several values would broadcast across a parameter's columns: a
+    ``ValueError``.  The view shares the group's storage, so a scheduler's
+    in-place ``fill_`` reaches it.
+    """
+    if not isinstance(value, torch.Tensor):
+        return value
+    if value.numel() != 1:
+        raise ValueError(
+            f"{name} must be a number or a one-element tensor (one value per param group), "
+            f"got a tensor of shape {tuple(value.shape)}"
+        )
+    return value.view(()) if value.dim() else value
+
+
 class FunctionalOptimizer(torch.optim.Optimizer):
     """A ``torch.optim.Optimizer`` that runs a pure :class:`GradientTransformation`.
 
@@ -173,7 +194,7 @@ class FunctionalOptimizer(torch.optim.Optimizer):
     def _transform(self, group: Mapping[str, Any]) -> GradientTransformation:
         if isinstance(self._tx, GradientTransformation):
             return self._tx
-        tx = self._tx(**{k: group[k] for k in self._hyperparameters})
+        tx = self._tx(**{k: one_value(k, group[k]) for k in self._hyperparameters})
         if not isinstance(tx, GradientTransformation):
             raise TypeError(f"the tx factory must return a GradientTransformation, got {type(tx).__name__}")
         return tx

@@ -32,8 +32,10 @@ from sm3fn import _checks
 from sm3fn._kernels import check_kernel_choice, sm3_step_
 from sm3fn._kernels import sharded as _sharded
 from sm3fn._kernels import sparse as _sparse
+from sm3fn._kernels.dispatch import refuse_uncovered
+from sm3fn._sm3_math import accumulator_shapes
 from sm3fn.alias import sm3 as sm3_tx
-from sm3fn.optim.functional import PARAM, FunctionalOptimizer, Template, param_key
+from sm3fn.optim.functional import PARAM, FunctionalOptimizer, Template, one_value, param_key
 from sm3fn.optim.functional import _describe as _describe_value
 from sm3fn.transforms.finite import all_finite
 
@@ -110,6 +112,9 @@ class SM3(FunctionalOptimizer):
       params: parameters or param-group dicts (each group may set its own
         ``lr``, ``momentum``, ``beta``, ``eps``).
       lr: learning rate, ``>= 0``; ``torch.optim.lr_scheduler`` schedulers change it.
+        May be a 0-d (or one-element) tensor, as in torch.optim: schedulers then
+        ``fill_`` it, and ``torch.compile(opt.step)`` takes it as a graph input,
+        so a new value does not recompile.
       momentum: EMA decay of ``u`` in ``[0, 1)``; ``> 0`` keeps one buffer shaped
         like the parameter.
       beta: 0 sums squared gradients (the paper's default); ``0 < beta < 1``
@@ -138,9 +143,15 @@ class SM3(FunctionalOptimizer):
         on the first step, about a second per configuration; cached on disk).
         ``None`` (default): wherever it can be built, else (one warning) the
         blocked path; ``False``: always the blocked path (no compiler needed);
-        ``True``: an error if it cannot be built.  Other parameters (other
-        statistics dtypes, CUDA, non-contiguous, sparse gradients) take the
-        blocked path either way; DTensors run it on their local shards.  Same numbers to float rounding (README, "Speed and memory").
+        ``True``: an error if it cannot be built, and a ``ValueError`` naming
+        any dense parameter no fused kernel covers (other statistics dtypes,
+        meta, views with gaps; CUDA without Triton), raised before anything changes, as
+        ``torch.optim.Adam(fused=True)`` refuses; with ``None`` those take
+        the blocked path.  Sparse gradients take the sparse path either way;
+        DTensors run it on their local shards.  Same numbers to float
+        rounding (README, "Speed and memory").  Under ``torch.compile`` the
+        step is one custom op (:mod:`sm3fn._kernels.ops`) that runs these
+        same kernels.
       compiled: run the dense step's blocks through ``torch.compile``
         instead (inductor; the first steps compile, seconds per
         configuration); excludes ``fused=True``.
@@ -213,9 +224,15 @@ class SM3(FunctionalOptimizer):
         "_warned_keys", "_zero_momentum_groups")
 
     def _check_group(self, group: Mapping[str, Any]) -> None:
-        # torch-SM3's checks, plus: real numbers only (the fast path takes floats)
+        # torch-SM3's checks, plus: real numbers only (the fast path takes floats), except
+        # that lr may be a one-element tensor, as in torch.optim (compiled steps: no recompile)
+        lr = group["lr"]
+        if isinstance(lr, torch.Tensor):
+            one_value("lr", lr)  # a ValueError naming its shape unless one element
         for name in ("lr", "momentum", "beta", "eps"):
             value = group[name]
+            if name == "lr" and isinstance(value, torch.Tensor):
+                continue  # its dtype and value: check_scalar below
             if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise TypeError(f"{name} must be a real number, got {value!r} of type {type(value).__name__}")
         _checks.check_sm3_hyperparameters(group["lr"], group["momentum"], group["beta"], group["eps"], lr_name="lr")
@@ -268,6 +285,25 @@ class SM3(FunctionalOptimizer):
         position = next(i for i, q in enumerate(group["params"]) if q is p)  # not list.index: tensor ==
         name = f" ({names[position]!r})" if names else ""
         return f"parameter {index}{name} of shape {tuple(p.shape)}"
+
+    def _refuse_uncovered(self, group: Mapping[str, Any], p: torch.Tensor, state: Mapping[str, Any],
+                          index: Mapping[int, int]) -> None:
+        """``fused=True``: a ``ValueError`` if no fused kernel covers ``p`` (checked
+        for every group before any is stepped; a parameter without state yet is probed with
+        stand-ins of the statistics dtypes its state will have)."""
+        if f"{ACCUMULATOR}0" in state:
+            accs = _accumulators(state, p)
+        else:  # small: the accumulators' own shapes, as tx.init makes them
+            dtype = _checks.statistics_dtype(p.dtype, self.accumulator_dtype)
+            accs = [torch.empty(s, dtype=dtype, device=p.device) for s in accumulator_shapes(p.shape)]
+        m = None
+        if group["momentum"] > 0:
+            m = state.get(MOMENTUM_BUFFER)
+            if not isinstance(m, torch.Tensor):  # laid out as tx.init's zeros_like(p) will be (unwritten)
+                m = torch.empty_strided(p.shape, p.stride(), device=p.device,
+                                        dtype=_checks.statistics_dtype(p.dtype, self.momentum_dtype))
+        name = self._describe_param(group, p, index[id(p)]).rsplit(" of shape", 1)[0]  # the error adds it
+        refuse_uncovered(p, p.grad, accs, m, name)
 
     def _namer(self, group: Mapping[str, Any], p: torch.Tensor, index: Mapping[int, int]) -> Callable[[], str]:
         """:meth:`_describe_param`, deferred: it walks the group, so it runs only to raise."""
@@ -346,6 +382,8 @@ class SM3(FunctionalOptimizer):
                     "SM3", lambda group=group, p=p: self._describe_param(group, p, index[id(p)]), param=p, grad=g,
                     **{k: v for k, v in state.items() if k != STEP and isinstance(v, torch.Tensor)},
                 )
+                if self.fused is True and g.layout == torch.strided and not _sharded.is_dtensor(p):
+                    self._refuse_uncovered(group, p, state, index)
                 (dense if g.layout == torch.strided else sparse).append(p)
             if sparse:
                 self._check_sparse(group, sparse, index)
@@ -398,7 +436,7 @@ class SM3(FunctionalOptimizer):
                 [_accumulators(s, p) for s, p in zip(states, stepped)],
                 [s[MOMENTUM_BUFFER] if momentum > 0 and not p.grad.is_sparse and not _row_cover(s, p)
                  else None for s, p in zip(states, stepped)],
-                lr=group["lr"],
+                lr=one_value("lr", group["lr"]),  # a one-element tensor as 0-d
                 momentum=momentum,
                 beta=group["beta"],
                 eps=group["eps"],

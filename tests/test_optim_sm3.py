@@ -383,7 +383,7 @@ def test_bad_hyperparameter_at_step_changes_nothing():
 
 
 def test_bad_sparse_gradient_is_refused_clearly():
-    # SM3._check_sparse (the sparse kernel's check; tests/test_sparse_optim.py has the
+    # SM3._check_sparse (the sparse kernel's check; tests/test_optim_sm3_sparse.py has the
     # rest): a clear error, raised before the dense parameters move
     emb, lin = torch.nn.Embedding(10, 3, sparse=True), torch.nn.Linear(3, 2)
     opt = SM3([{"params": lin.parameters()}, {"params": emb.parameters()}])

@@ -9,7 +9,7 @@ import torch
 from reference import ReferenceSM3, random_gradient
 from sparse_reference import ReferenceRowSM3, dense_from_entries
 from sm3fn.optim import SM3
-from test_sparse import D, N, bits, make_batch
+from test_kernels_sparse import D, N, bits, make_batch
 
 
 class Model(torch.nn.Module):

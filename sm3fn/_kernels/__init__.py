@@ -6,6 +6,9 @@
 * ``reference``: the differentiable out-of-place math.
 * ``blocked``: in place, eager blocks of rows (any device, dtype, layout).
 * ``fused_cpu``: one generated C++ sweep per CPU tensor, in place or out of place.
+* ``triton_gpu``: one generated Triton sweep per CUDA tensor, many tensors per launch
+  (triton optional, imported when a kernel is built).
+* ``trace``: the symbolic values both generators run ``_sm3_math`` on.
 * ``sparse``: ``torch.sparse_coo`` gradients, the touched rows only.
 * ``sharded``: DTensor (FSDP2) parameters, local shards plus one all-reduce.
 

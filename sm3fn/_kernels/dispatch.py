@@ -21,6 +21,7 @@ DTensor                 its local shards, below      ``sharded.sm3_block_sharded
                         (+ one all-reduce per step)
 a gradient must flow    --                           ``reference`` (differentiable)
 covered CPU tensor      ``fused_cpu`` (in place)     ``fused_cpu`` (out of place)
+covered CUDA tensor     ``triton_gpu`` (in place)    ``triton_gpu`` (float32/64)
 anything else           ``blocked`` (eager blocks)   ``reference`` under no_grad
 ======================  ==========================  ==============================
 
@@ -53,6 +54,7 @@ from sm3fn._kernels import fused_cpu as _fused
 from sm3fn._kernels import reference as _reference
 from sm3fn._kernels import sharded as _sharded
 from sm3fn._kernels import sparse as _sparse
+from sm3fn._kernels import triton_gpu as _triton
 from sm3fn._sm3_math import Scalar
 
 _Number = Union[float, torch.Tensor]
@@ -164,14 +166,44 @@ def _route_dense(items, *, lr, momentum, beta, eps, fused, compiled, block_eleme
     """Plain dense tensors ``(p, g, accs, m)``: the fused kernel where it applies, else the blocks."""
     swept = _built(_use_fused(fused, compiled), fused is True, items,
                    lambda p, g, accs, m: _fused.build(g, accs, m, beta))
+    rest = [item for j, item in enumerate(items) if j not in swept]
+    # the GPU's sweeps first: a Triton build that fails (fused=True) raises with nothing written
+    rest = _triton_step_(rest, fused, compiled, lr=lr, momentum=momentum, beta=beta, eps=eps)
     if swept:
         hyper = _fused.hyperparameters(lr, momentum, beta, eps)
         for j, kernel in swept.items():
             _fused.sweep_(kernel, *items[j], hyper)
-    rest = [item for j, item in enumerate(items) if j not in swept]
     if rest:
         _blocked.sm3_apply_(*map(list, zip(*rest)), lr=lr, momentum=momentum, beta=beta, eps=eps,
                             compiled=compiled, block_elements=block_elements)
+
+
+def _use_triton(fused: Optional[bool], compiled: bool, *hyperparameters) -> bool:
+    """Whether to try the Triton kernel: float hyperparameters but ``lr`` (read on the device),
+    not under tracing, nor once ``None`` gave up building it."""
+    if fused is False or compiled or torch.compiler.is_compiling():
+        return False
+    if any(isinstance(x, torch.Tensor) for x in hyperparameters):
+        return False
+    return fused is True or _triton.unavailable is None
+
+
+def _triton_step_(items, fused, compiled, *, lr, momentum, beta, eps) -> list:
+    """Steps the items ``(p, g, accs, m)`` the Triton kernel covers (CUDA tensors) in place,
+    all in a few launches; returns the others."""
+    if not _use_triton(fused, compiled, momentum, beta, eps):
+        return items
+    covered = [item for item in items if _triton.supported(*item)]
+    if not covered:
+        return items
+    try:
+        _triton.sweep_many_(*map(list, zip(*covered)), lr=lr, momentum=momentum, beta=beta, eps=eps)
+    except _triton.BuildError as e:
+        if fused is True:
+            raise
+        _triton.give_up(e)
+        return items
+    return [item for item in items if not any(item is c for c in covered)]
 
 
 # --------------------------------------------------------------------------- out of place
@@ -254,10 +286,41 @@ def _pure_dense(indices, grads, accumulators, buffers, updates, new_accs, new_ms
     swept = _built(use, fused is True, items, lambda p, g, accs, m: _fused.build(g, accs, m, beta, mode))
     if swept:
         hyper = _fused.hyperparameters(0.0 if lr is None else lr, momentum or 0.0, beta, eps)
+    on_gpu = _pure_triton([i for i in range(len(items)) if i not in swept], items, beta=beta, eps=eps,
+                          momentum=momentum, lr=lr, fused=fused)
     with torch.no_grad():
         for i, j in enumerate(indices):
             g, accs, m = grads[j], accumulators[j], buffers[j]
             if i in swept:
                 updates[j], new_accs[j], new_ms[j] = _fused.sweep(swept[i], g, accs, m, hyper)
+            elif i in on_gpu:
+                updates[j], new_accs[j], new_ms[j] = on_gpu[i]
             else:
                 updates[j], new_accs[j], new_ms[j] = _pure_reference(g, accs, m, beta, eps, momentum, lr)
+
+
+def _pure_triton(candidates, items, *, beta, eps, momentum, lr, fused) -> dict:
+    """``{index: (update, new accs, new m)}`` for the items the Triton kernel covers, out of place.
+
+    float32/float64 only: for bfloat16/float16 ``sm3fn.sm3``'s chain rounds ``u`` to the
+    gradient's dtype between its stages, which the kernel does not (the reference math does).
+    """
+    if lr is None and any(items[i][3] is not None for i in candidates):
+        return {}  # momentum is applied only on the way to an lr
+    if not _use_triton(fused, False, momentum, beta, eps):
+        return {}
+    covered = [i for i in candidates if items[i][1].dtype in (torch.float32, torch.float64)
+               and _triton.supported(*items[i])]
+    if not covered:
+        return {}
+    try:
+        # lr = -1: the kernel's -lr * u is u itself (scale_by_sm3's update)
+        results = _triton.step_many(*map(list, zip(*(items[i] for i in covered))),
+                                    lr=-1.0 if lr is None else lr, momentum=momentum or 0.0,
+                                    beta=beta, eps=eps)
+    except _triton.BuildError as e:
+        if fused is True:
+            raise
+        _triton.give_up(e)
+        return {}
+    return {i: (update, list(accs), m) for i, (update, accs, m) in zip(covered, results)}

@@ -12,7 +12,7 @@ There is no hand-written copy of the equations here.  The per-element
 arithmetic is *traced*: :func:`_body` runs the very functions of
 :mod:`sm3fn._sm3_math` that the differentiable and eager paths run
 (``cover_minimum``, ``second_moment``, ``precondition``, ``ema``,
-``saturate``) on symbolic scalars (:class:`_Sym`, which answers torch's
+``saturate``) on symbolic scalars (:class:`~sm3fn._kernels.trace.Sym`, which answers torch's
 ``__torch_function__`` protocol), and each torch call they make becomes one
 line of C++ on ``at::vec::Vectorized`` (the SIMD type inductor's kernels use).
 The C++ template below holds only loads, stores, the loop over rows and the
@@ -53,6 +53,7 @@ from typing import Optional, Sequence
 import torch
 
 from sm3fn._kernels import layout as _layout
+from sm3fn._kernels.trace import Sym, Trace
 from sm3fn._sm3_math import cover_minimum, ema, precondition, saturate, second_moment
 
 #: statistics (accumulator and momentum) dtypes the kernel is generated for
@@ -66,49 +67,6 @@ _PARALLEL_MIN_ELEMENTS = 1 << 16
 
 
 # --------------------------------------------------------------------------- tracing
-
-
-class _Sym:
-    """A symbolic SIMD value: a C++ expression of ``at::vec::Vectorized<scalar_t>``.
-
-    The ``_sm3_math`` functions run on it as on a tensor: every torch call and
-    operator they make is recorded, in order, as one C++ line by the
-    :class:`_Trace` it belongs to.  Only the calls those functions make are
-    known; any other raises, so a change to the math that the generator cannot
-    express fails loudly (a :class:`BuildError`: ``fused=None`` then takes the
-    blocked path), rather than generating something else.
-    """
-
-    def __init__(self, trace: _Trace, name: str, dtype: torch.dtype):
-        self.trace, self.name, self.dtype = trace, name, dtype
-
-    @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):
-        kwargs = dict(kwargs or {})
-        if kwargs.pop("out", None) is not None:
-            raise NotImplementedError("the fused kernel traces the out-of-place math only")
-        trace = next(a.trace for a in _flat(args, kwargs) if isinstance(a, _Sym))
-        return trace.call(func, args, kwargs)
-
-    def __bool__(self):
-        # a Python branch on a traced value would bake one side into the kernel
-        raise NotImplementedError("the fused kernel cannot branch on a traced value")
-
-    # Python operators (``nu != 0``, ``lr * u``) record the same lines; set below the class
-    __hash__ = object.__hash__
-
-
-def _operator(func, reflected: bool):
-    def operator(self, other):
-        return self.trace.call(func, (other, self) if reflected else (self, other), {})
-    return operator
-
-
-for _name, _func in {"ne": torch.ne, "eq": torch.eq, "mul": torch.mul, "add": torch.add,
-                     "sub": torch.sub, "truediv": torch.div}.items():
-    setattr(_Sym, f"__{_name}__", _operator(_func, reflected=False))
-    if _name in ("mul", "add", "sub"):
-        setattr(_Sym, f"__r{_name}__", _operator(_func, reflected=True))
 
 
 class _Hyper:
@@ -128,7 +86,7 @@ class _Hyper:
 
     # torch looks for the protocol on every argument; the call is recorded by the
     # trace of the symbolic value it is combined with
-    __torch_function__ = _Sym.__torch_function__
+    __torch_function__ = Sym.__torch_function__
 
     def _combine(self, other, op: str, reflected: bool = False) -> _Hyper:
         if isinstance(other, bool) or not isinstance(other, (int, float, _Hyper)):
@@ -158,27 +116,15 @@ class _Hyper:
     __hash__ = object.__hash__
 
 
-def _flat(args, kwargs):
-    for a in list(args) + list(kwargs.values()):
-        if isinstance(a, (list, tuple)):
-            yield from a
-        else:
-            yield a
-
-
-class _Trace:
+class _Trace(Trace):
     """Records the C++ lines of one traced computation (SSA: one ``auto tN`` per call)."""
 
-    def __init__(self, dtype: torch.dtype):
-        self.dtype, self.count = dtype, 0
-        self.lines: list[str] = []
-
-    def input(self, name: str) -> _Sym:
-        return _Sym(self, name, self.dtype)
+    def assign(self, name: str, expr: str) -> str:
+        return f"auto {name} = {expr};"
 
     def value(self, x) -> str:
         """C++ for an operand: a symbol's name, or a Python number as an exact vector constant."""
-        if isinstance(x, _Sym):
+        if isinstance(x, Sym):
             return x.name
         if isinstance(x, _Hyper):  # rounded once to the statistics dtype, as ATen rounds a scalar
             return f"V(static_cast<scalar_t>({x.expr}))"
@@ -187,13 +133,7 @@ class _Trace:
         # a hex literal is exact; the cast rounds as ATen's scalar-to-dtype cast does
         return f"V(static_cast<scalar_t>({float(x).hex()}))"
 
-    def emit(self, expr: str) -> _Sym:
-        name = f"t{self.count}"
-        self.count += 1
-        self.lines.append(f"auto {name} = {expr};")
-        return _Sym(self, name, self.dtype)
-
-    def call(self, func, args, kwargs) -> _Sym:
+    def call(self, func, args, kwargs) -> Sym:
         v = self.value
         if func in (torch.minimum, torch.Tensor.minimum) and not kwargs:
             return self.emit(f"at::vec::minimum({v(args[0])}, {v(args[1])})")
@@ -208,7 +148,7 @@ class _Trace:
         if func is torch.add:
             alpha = kwargs.pop("alpha", 1)
             _no_more(func, kwargs)
-            if not isinstance(alpha, _Sym) and alpha == 1:
+            if not isinstance(alpha, Sym) and alpha == 1:
                 return self.emit(f"{v(args[0])} + {v(args[1])}")
             return self.emit(f"{v(args[0])} + {v(alpha)} * {v(args[1])}")
         binary = {torch.sub: "-", torch.mul: "*", torch.div: "/"}

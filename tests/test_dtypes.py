@@ -4,6 +4,7 @@ float32 statistics for bf16/fp16 parameters; no NaN/inf from extreme gradients."
 import numpy as np
 import pytest
 import torch
+from helpers import leaf_tensors
 from reference import ReferenceSM3
 
 import sm3fn
@@ -69,17 +70,11 @@ LOW = [torch.bfloat16, torch.float16]
 ALL = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 
 
-def _leaves(tree):
-    if isinstance(tree, dict):
-        return [t for t in tree.values() if t is not None]
-    return list(tree.values(include_nested=True, leaves_only=True))
-
-
 @pytest.mark.parametrize("dtype", LOW)
 def test_low_precision_params_keep_float32_statistics(dtype):
     params = {"w": torch.randn(64, 32).to(dtype), "b": torch.randn(32).to(dtype)}
     state = sm3fn.sm3(0.1, momentum=0.9).init(params)
-    for t in _leaves(state):
+    for t in leaf_tensors(state):
         assert t.dtype == torch.float32
     half = sm3fn.sm3(0.1, momentum=0.9, momentum_dtype=torch.bfloat16).init(params)
     assert half["momentum", "w"].dtype == torch.bfloat16
@@ -92,7 +87,7 @@ def test_low_precision_params_keep_float32_statistics(dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_float32_and_float64_params_keep_their_own_dtype(dtype):
     state = sm3fn.sm3(0.1, momentum=0.5).init({"w": torch.randn(3, 2, dtype=dtype)})
-    assert {t.dtype for t in _leaves(state)} == {dtype}
+    assert {t.dtype for t in leaf_tensors(state)} == {dtype}
 
 
 @pytest.mark.parametrize("dtype", LOW)
@@ -158,10 +153,10 @@ def test_no_nonfinite_from_zero_tiny_or_huge_gradients(dtype, own_dtype_statisti
             grads = {k: torch.zeros_like(v) for k, v in params.items()}
         updates, state = tx.update(grads, state, params)
         params = sm3fn.apply_updates(params, updates)
-        for t in _leaves(updates) + _leaves(params) + _leaves(state):
+        for t in leaf_tensors(updates) + leaf_tensors(params) + leaf_tensors(state):
             assert torch.isfinite(t).all(), f"non-finite after a gradient of scale {scale}"
         if scale == 0.0:
-            assert all(torch.count_nonzero(u) == 0 for u in _leaves(updates)) or momentum > 0
+            assert all(torch.count_nonzero(u) == 0 for u in leaf_tensors(updates)) or momentum > 0
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered")  # the float64 reference's own 1e400

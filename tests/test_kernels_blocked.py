@@ -12,6 +12,7 @@ the float64 reference; its shortcuts keep the reference's numbers:
 import numpy as np
 import pytest
 import torch
+from helpers import functional_run
 from reference import ReferenceSM3, random_gradient
 
 import sm3fn
@@ -65,14 +66,6 @@ def test_fast_path_matches_functional(dtype, tol, momentum, beta, block_elements
 
 # --- sm3_update_: the in-place functional step -----------------------------------------------
 
-
-
-def _functional_run(tx, params, grads_seq):
-    state = tx.init(params)
-    for grads in grads_seq:
-        updates, state = tx.update(grads, state, params)
-        params = sm3fn.apply_updates(params, updates)
-    return params, state
 
 
 def _inplace_run(tx, params, grads_seq, **kw):
@@ -133,7 +126,7 @@ def test_block_boundaries_match_functional(block_elements, momentum):
     params = {k: torch.randn(s, generator=gen) for k, s in ODD.items()}
     grads_seq = _random_grads(gen, ODD, torch.float32, 3)
     tx = sm3fn.sm3(0.1, momentum=momentum, beta=0.0)
-    want, want_state = _functional_run(tx, params, grads_seq)
+    want, want_state = functional_run(tx, params, grads_seq)
     got, got_state = _inplace_run(tx, params, grads_seq, learning_rate=0.1, momentum=momentum,
                                   block_elements=block_elements)
     for k in ODD:
@@ -152,7 +145,7 @@ def test_sm3_update_low_precision_matches_functional(dtype, momentum):
     params = {k: torch.randn(s, generator=gen).to(dtype) for k, s in shapes.items()}
     grads_seq = _random_grads(gen, shapes, dtype, 3)
     tx = sm3fn.sm3(0.01, momentum=momentum)
-    want, want_state = _functional_run(tx, params, grads_seq)
+    want, want_state = functional_run(tx, params, grads_seq)
     got, got_state = _inplace_run(tx, params, grads_seq, learning_rate=0.01, momentum=momentum,
                                   block_elements=64)
     for key, a in got_state.items(True, True):
@@ -183,7 +176,7 @@ def test_zero_and_nonfinite_gradients_match_functional(eps):
     tx = sm3fn.sm3(0.1, eps=eps)
     got, got_state = _inplace_run(tx, params, [g1], learning_rate=0.1, eps=eps)
     assert torch.equal(got["w"][2], params["w"][2]) and torch.equal(got["b"], params["b"])
-    want, want_state = _functional_run(tx, params, [g1, g2])
+    want, want_state = functional_run(tx, params, [g1, g2])
     got, got_state = _inplace_run(tx, params, [g1, g2], learning_rate=0.1, eps=eps)
     torch.testing.assert_close(got["w"], want["w"], equal_nan=True)
     torch.testing.assert_close(got["b"], want["b"], equal_nan=True)
@@ -275,7 +268,7 @@ def test_compiled_fast_path_matches_functional():
     params = {k: torch.randn(s, generator=gen) for k, s in shapes.items()}
     grads_seq = _random_grads(gen, shapes, torch.float32, 3)
     tx = sm3fn.sm3(0.1, momentum=0.9)
-    want, want_state = _functional_run(tx, params, grads_seq)
+    want, want_state = functional_run(tx, params, grads_seq)
     got, got_state = _inplace_run(tx, params, grads_seq, learning_rate=0.1, momentum=0.9,
                                   compiled=True, block_elements=256)
     for k in shapes:
@@ -315,7 +308,7 @@ def test_strided_parameters_are_updated_in_place():
     params = {"col": base[:, 2], "t": base_t.t()}
     grads_seq = _random_grads(gen, {"col": (9,), "t": (11, 6)}, torch.float32, 3)
     tx = sm3fn.sm3(0.1, momentum=0.9)
-    want, want_state = _functional_run(tx, {k: v.clone() for k, v in params.items()}, grads_seq)
+    want, want_state = functional_run(tx, {k: v.clone() for k, v in params.items()}, grads_seq)
     state = tx.init(params)
     for grads in grads_seq:
         sm3fn.sm3_update_(params, grads, state, learning_rate=0.1, momentum=0.9, block_elements=16)

@@ -1,20 +1,20 @@
 """sm3fn.optim.SM3: the torch.optim adapter, against the float64 reference and torch-SM3."""
 
-import io
 import warnings
 
 import numpy as np
 import pytest
 import torch
-
+from helpers import saved_and_loaded
 from reference import ReferenceSM3, random_gradient
+
 from sm3fn.optim import SM3
 
 TorchSM3 = pytest.importorskip("SM3").SM3  # torch-SM3, in the "test" extra
 
 
 def seed_lambda(warm_up, total):
-    """The authors' recipe from the seed README: quadratic warm-up, linear cool-down over the last 10%."""
+    """The authors' recipe from torch-SM3's README: quadratic warm-up, linear cool-down over the last 10%."""
     return lambda epoch: min(1.0, (epoch / warm_up) ** 2, (total - epoch) / (0.1 * total))
 
 
@@ -44,13 +44,6 @@ def train(model, opt, data, sched=None):
         opt.step()
         if sched is not None:
             sched.step()
-
-
-def saved_and_loaded(obj):
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
 
 
 def assert_states_close(ours, theirs, rtol, atol):
@@ -187,7 +180,7 @@ def test_beta_accumulators_decay_unlike_torch_sm3():
 
 
 def test_learning_rate_schedule_matches_reference():
-    """LambdaLR with the seed's warm-up + cool-down: each step uses the scheduled rate."""
+    """LambdaLR with torch-SM3's README warm-up + cool-down: each step uses the scheduled rate."""
     rng = np.random.default_rng(4)
     total, warm = 12, 3
     lam = seed_lambda(warm, total)

@@ -3,11 +3,11 @@ averaging and finite have theirs): ema, trace (vs torch.optim.SGD), scaling, cha
 weight decay, clipping, masking/partition, zero_nans, set_to_zero, freeze, against NumPy
 references (optax's definitions) and optax itself where installed; compile and vmap."""
 
-import io
 
 import numpy as np
 import pytest
 import torch
+from helpers import saved_and_loaded
 from reference import ReferenceSM3, random_gradient
 from tensordict import TensorDict
 from torch._dynamo.testing import CompileCounter
@@ -229,10 +229,7 @@ def test_named_chain_state_is_addressable_and_saves():
     jumped["learning_rate", "count"] = torch.tensor(total, dtype=torch.int64)
     updates, _ = tx.update(grads, jumped, params)
     assert all(torch.equal(updates[k], torch.zeros_like(updates[k])) for k in SHAPES)  # recipe: lr 0 at the end
-    buf = io.BytesIO()
-    torch.save(state1, buf)
-    buf.seek(0)
-    loaded = torch.load(buf, weights_only=True)
+    loaded = saved_and_loaded(state1)
     assert (loaded == state1).all()
 
 

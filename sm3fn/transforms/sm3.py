@@ -130,7 +130,7 @@ def scale_by_sm3(
             if g is not None:
                 _sharded.check_same_kind(
                     "scale_by_sm3", path, grad=g,
-                    **{f"accumulator_{i}": a for i, a in enumerate(accs_by_path[path])},
+                    **{f"{ACCUMULATOR_PREFIX}{i}": a for i, a in enumerate(accs_by_path[path])},
                 )
                 check_grad(path, g, accs_by_path[path])
 

@@ -1,12 +1,15 @@
 """Helpers shared by the test files: trees' leaves, bitwise comparison, a checkpoint round trip,
-and the pure training loop (``tx.update`` + ``apply_updates``) the other paths are compared with."""
+the pure training loop (``tx.update`` + ``apply_updates``) the other paths are compared with, and
+parameter groups with a float64 reference per parameter."""
 
 from __future__ import annotations
 
 import io
 from typing import Any, Iterable, Optional
 
+import numpy as np
 import torch
+from reference import ReferenceSM3
 
 import sm3fn
 from sm3fn import _tree
@@ -57,3 +60,21 @@ def functional_run(
         updates, state = tx.update(grads, state, params)
         params = sm3fn.apply_updates(params, updates)
     return params, state
+
+
+def param_groups_with_references(
+    specs: list[dict], shapes: Iterable[tuple[int, ...]], rng: np.random.Generator
+) -> tuple[list[dict], list[torch.nn.Parameter], list[ReferenceSM3]]:
+    """One float64 parameter group per hyperparameter dict in ``specs``, each with a parameter of
+    every shape drawn from ``rng``, and a :class:`ReferenceSM3` per parameter with that group's
+    hyperparameters; returns ``(groups, params, refs)``, params and refs in the same order."""
+    groups, params, refs = [], [], []
+    for spec in specs:
+        group = []
+        for shape in shapes:
+            init = rng.standard_normal(shape)
+            group.append(torch.nn.Parameter(torch.tensor(init, dtype=torch.float64)))
+            refs.append(ReferenceSM3(init, **spec))
+        groups.append({"params": group, **spec})
+        params += group
+    return groups, params, refs

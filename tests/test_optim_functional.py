@@ -4,8 +4,8 @@
 import numpy as np
 import pytest
 import torch
-from helpers import functional_run, saved_and_loaded
-from reference import ReferenceSM3, random_gradient
+from helpers import functional_run, param_groups_with_references, saved_and_loaded
+from reference import random_gradient
 
 import sm3fn
 from sm3fn.optim import FunctionalOptimizer
@@ -24,15 +24,7 @@ def scheduled_tx():
 def test_sm3_factory_with_param_groups_and_scheduler_matches_reference():
     rng = np.random.default_rng(0)
     specs = [{"lr": 0.1, "momentum": 0.0}, {"lr": 0.02, "momentum": 0.9}]
-    groups, params, refs = [], [], []
-    for spec in specs:
-        ps = []
-        for shape in SHAPES:
-            init = rng.standard_normal(shape)
-            ps.append(torch.nn.Parameter(torch.tensor(init)))
-            refs.append(ReferenceSM3(init, **spec))
-        groups.append({"params": ps, **spec})
-        params += ps
+    groups, params, refs = param_groups_with_references(specs, SHAPES, rng)
     opt = FunctionalOptimizer(groups, lambda lr, momentum: sm3fn.sm3(lr, momentum), lr=1.0, momentum=0.5)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: min(1.0, ((t + 1) / 3) ** 2))
     for t in range(5):

@@ -5,7 +5,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from helpers import saved_and_loaded
+from helpers import param_groups_with_references, saved_and_loaded
 from reference import ReferenceSM3, random_gradient
 
 from sm3fn.optim import SM3
@@ -113,16 +113,7 @@ SHAPES = [(), (7,), (6, 5), (3, 4, 2), (1, 9)]
 
 def run_against_reference(groups_spec, steps, rng, lrs=None):
     """groups_spec: list of hyperparameter dicts; each group gets every shape in SHAPES."""
-    params, refs, groups = [], [], []
-    for spec in groups_spec:
-        ps = []
-        for shape in SHAPES:
-            init = rng.standard_normal(shape)
-            p = torch.nn.Parameter(torch.tensor(init, dtype=torch.float64))
-            ps.append(p)
-            refs.append(ReferenceSM3(init, **spec))
-        params.extend(ps)
-        groups.append({"params": ps, **spec})
+    groups, params, refs = param_groups_with_references(groups_spec, SHAPES, rng)
     opt = SM3(groups, lr=123.0, momentum=0.5, beta=0.25)  # defaults every group overrides
     for t in range(steps):
         for p, ref in zip(params, refs):

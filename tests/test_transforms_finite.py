@@ -145,16 +145,22 @@ def test_compiled_fullgraph_step_skips():
         torch.testing.assert_close(cp[k], p[k], rtol=1e-6, atol=1e-7)
 
 
+def _plain_first_step_with(seed, index, value):
+    """Plain ``sm3(0.1)``'s first step on ``_problem(seed)`` with ``w[index] = value`` in the gradient;
+    returns ``(tx, params, grads, updates, state)``."""
+    params, grads = _problem(seed)
+    tx = sm3fn.sm3(0.1)
+    g = {k: v.clone() for k, v in grads[0].items()}
+    g["w"][index] = value
+    updates, state = tx.update(g, tx.init(params), params)
+    return tx, params, grads, updates, state
+
+
 def test_without_skipping_nan_poisons_its_row_and_column():
     """Documented behaviour of plain sm3: a NaN gradient entry makes that
     parameter entry NaN and, through the covers, the accumulators of its row
     and column; the next step spreads NaN along that row and column only."""
-    params, grads = _problem(7)
-    tx = sm3fn.sm3(0.1)
-    state = tx.init(params)
-    g = {k: v.clone() for k, v in grads[0].items()}
-    g["w"][2, 1] = math.nan
-    updates, state = tx.update(g, state, params)
+    tx, params, grads, updates, state = _plain_first_step_with(7, (2, 1), math.nan)
     params = sm3fn.apply_updates(params, updates)
     nan = torch.isnan(params["w"])
     assert nan.sum() == 1 and nan[2, 1]
@@ -170,12 +176,7 @@ def test_without_skipping_nan_poisons_its_row_and_column():
 
 def test_without_skipping_inf_makes_a_nan_entry_but_finite_statistics():
     """inf * inf = inf, inf / sqrt(inf) = NaN: that entry is lost; the accumulators saturate (finite)."""
-    params, grads = _problem(8)
-    tx = sm3fn.sm3(0.1)
-    state = tx.init(params)
-    g = {k: v.clone() for k, v in grads[0].items()}
-    g["w"][0, 3] = math.inf
-    updates, state = tx.update(g, state, params)
+    _, _, _, updates, state = _plain_first_step_with(8, (0, 3), math.inf)
     assert torch.isnan(updates["w"]).sum() == 1 and torch.isnan(updates["w"][0, 3])
     assert all(torch.isfinite(a).all() for a in state.values(include_nested=True, leaves_only=True))
 

@@ -5,14 +5,16 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from tensordict import TensorDict
 
-from sm3fn import _checks
-from sm3fn._kernels.sparse import SparseSpec
-from sm3fn.base import GradientTransformation, ScalarOrSchedule
-from sm3fn.transforms.combine import named_chain
-from sm3fn.transforms.momentum import ema
-from sm3fn.transforms.scaling import scale_by_learning_rate
-from sm3fn.transforms.sm3 import scale_by_sm3
+from sm3fn import _checks, _tree
+from sm3fn._kernels import sm3_step
+from sm3fn._kernels.sparse import SparseSpec, check_spec
+from sm3fn.base import GradientTransformation, OptState, ScalarOrSchedule, Tree
+from sm3fn.transforms.combine import check_chain_state, named_chain
+from sm3fn.transforms.momentum import checked_buffers, ema
+from sm3fn.transforms.scaling import COUNT, scale_by_learning_rate
+from sm3fn.transforms.sm3 import accumulator_state, checked_inputs, scale_by_sm3
 
 __all__ = ["sm3"]
 
@@ -31,7 +33,11 @@ def sm3(
 
     ``named_chain(("sm3", scale_by_sm3(beta, eps)), ("momentum", ema(momentum)),
     ("learning_rate", scale_by_learning_rate(learning_rate)))``; the momentum
-    stage (and its buffer) is left out when ``momentum`` is the float 0.
+    stage (and its buffer) is left out when ``momentum`` is the float 0.  With
+    float hyperparameters (``learning_rate`` a float or a schedule) ``update``
+    computes the three stages in one call of the dispatcher: one sweep per CPU
+    tensor the fused kernel covers, when no gradient flows through the step
+    (the differentiable math otherwise), with the chain's numbers and state.
 
     Args:
       learning_rate: a float >= 0, a tensor, or a schedule ``step -> rate``
@@ -62,7 +68,48 @@ def sm3(
     _checks.check_dtype_arg("accumulator_dtype", accumulator_dtype)
     _checks.check_dtype_arg("momentum_dtype", momentum_dtype)
     stages = [("sm3", scale_by_sm3(beta, eps, accumulator_dtype, sparse=sparse))]
-    if isinstance(momentum, torch.Tensor) or momentum > 0:
+    with_momentum = isinstance(momentum, torch.Tensor) or momentum > 0
+    if with_momentum:
         stages.append(("momentum", ema(momentum, momentum_dtype, sparse=sparse)))
     stages.append(("learning_rate", scale_by_learning_rate(learning_rate)))
-    return named_chain(*stages)
+    chain = named_chain(*stages)
+    if any(isinstance(h, torch.Tensor) for h in (learning_rate, momentum, beta)):
+        return chain  # tensor hyperparameters (meta-learned, swept): the stages one by one
+    return GradientTransformation(chain.init, _one_sweep_update(
+        [n for n, _ in stages], learning_rate, momentum if with_momentum else None, beta, eps,
+        check_spec(sparse)))
+
+
+def _one_sweep_update(names, learning_rate, momentum, beta, eps, declared_sparse):
+    """``sm3``'s update as one call of the dispatcher: ``scale_by_sm3``, the momentum and
+    ``-lr`` in one sweep per tensor where the fused kernel applies (the pure path at in-place
+    speed), the differentiable math otherwise.  Same checks, numbers and state as the chain."""
+    schedule = callable(learning_rate)
+
+    def update(updates: Tree, state: OptState, params: Optional[Tree] = None):
+        check_chain_state(state, names)
+        grads, accs_by_path = checked_inputs(updates, state.get("sm3"), declared_sparse)
+        buffers = {}
+        if momentum is not None:
+            buffers, _ = checked_buffers("ema", grads, state.get("momentum"), declared_sparse)
+        lr_state = state.get("learning_rate")
+        lr = learning_rate
+        if schedule:
+            if COUNT not in lr_state.keys():
+                raise ValueError(f"scale_by_schedule state must hold {COUNT!r}, got keys {list(lr_state.keys())}")
+            count = lr_state.get(COUNT)
+            lr = learning_rate(count)
+            lr_state = TensorDict({COUNT: count + 1}, batch_size=[])
+        live = list(grads)
+        new_updates, new_accs, new_ms = sm3_step(
+            [grads[p] for p in live], [accs_by_path[p] for p in live], [buffers.get(p) for p in live],
+            beta=beta, eps=eps, momentum=momentum, lr=lr, paths=live, owner="sm3",
+        )
+        new_state = {"sm3": accumulator_state(dict(zip(live, new_accs)))}
+        if momentum is not None:
+            new_state["momentum"] = _tree.state_tree(
+                {p: m for p, m in zip(live, new_ms) if p in buffers})
+        new_state["learning_rate"] = lr_state
+        return _tree.unflatten_like(updates, dict(zip(live, new_updates))), TensorDict(new_state, batch_size=[])
+
+    return update

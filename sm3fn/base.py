@@ -24,7 +24,9 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 
 from sm3fn import _tree
+from sm3fn._kernels import needs_autograd
 from sm3fn._kernels import sharded as _sharded
+from sm3fn._kernels.fused_cpu import fresh_like
 
 __all__ = [
     "Tree",
@@ -117,5 +119,22 @@ def apply_updates(params: Tree, updates: Tree) -> Tree:
                 f"updates[{_tree.fmt(path)}] has shape {tuple(u.shape)}, "
                 f"but params[{_tree.fmt(path)}] has shape {tuple(p.shape)}"
             )
-        new[path] = p + u.to(p.dtype)
+        new[path] = _add(p, u.to(p.dtype))
     return _tree.unflatten_like(params, new)
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _add(p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """``p + u``; a large result on a CPU, outside autograd, is made with huge pages.
+
+    The new parameters are fresh memory every step; without huge pages their
+    page faults cost more than the optimizer's sweep (see
+    :func:`sm3fn._kernels.fused_cpu.fresh_like`).  Same numbers either way.
+    """
+    if (type(p) in _PLAIN and type(u) in _PLAIN and p.device.type == "cpu" and u.device.type == "cpu"
+            and u.layout == torch.strided and p.is_contiguous() and u.is_contiguous()
+            and not needs_autograd(p, u)):
+        return torch.add(p, u, out=fresh_like(p))
+    return p + u

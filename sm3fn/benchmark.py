@@ -14,6 +14,11 @@ memory of one step (the peak of the CPU allocator's live bytes during the
 step above what was live before it, read from ``torch.profiler``'s memory
 events).  It runs on one thread (``torch.set_num_threads(1)``) in float32.
 
+The rows ``sm3fn pure ...`` are the optax-style loop (``tx.update`` +
+``apply_updates``, eager and under ``torch.compile``); after each preset a
+breakdown says where the pure step's time goes (its parts, and what writing
+fresh memory costs with and without huge pages).
+
 Also measured: the overhead of the functional, differentiable update
 (``tx.update`` + ``apply_updates`` on dicts, with TensorDict state) over a
 plain Python loop calling the same math on the same 200 tensors.
@@ -160,6 +165,39 @@ def make_optimizers(params, include_compiled: bool, include_torch_sm3: bool):
     for name, make in candidates.items():
         opt = make()
         out[name] = (opt.step, lambda opt=opt: _torch_state(opt), type(opt).__module__ + "." + type(opt).__name__)
+    out.update(make_pure_steps(params, lr, include_compiled))
+    return out
+
+
+def make_pure_steps(params, lr: float, include_compiled: bool) -> dict:
+    """The optax-style loop, ``tx.update`` + ``apply_updates``, as rows: name -> (step, state, what runs).
+
+    Each row keeps its own parameters (a copy of the shared ones: the pure
+    step returns new tensors) and reads the shared ``.grad``.  Eager: the
+    fused out-of-place sweep; compiled: ``torch.compile`` of the whole step
+    (the differentiable math, fused by inductor).
+    """
+    out = {}
+    for momentum in (0.0, 0.9):
+        for compiled in (False, True) if include_compiled else (False,):
+            tx = sm3fn.sm3(lr, momentum=momentum)
+            box = {"params": {f"p{i}": p.detach().clone() for i, p in enumerate(params)}}
+            box["state"] = tx.init(box["params"])
+
+            def pure_step(params, grads, state, tx=tx):
+                updates, state = tx.update(grads, state, params)
+                return sm3fn.apply_updates(params, updates), state
+
+            run = torch.compile(pure_step) if compiled else pure_step
+
+            def step(run=run, box=box):
+                grads = {f"p{i}": p.grad for i, p in enumerate(params)}
+                box["params"], box["state"] = run(box["params"], grads, box["state"])
+
+            name = f"sm3fn pure m={momentum:g}" + (" compiled" if compiled else "")
+            what = (f"{'torch.compile of ' if compiled else ''}tx.update + apply_updates, "
+                    f"tx = sm3fn.sm3(lr, momentum={momentum:g})")
+            out[name] = (step, lambda box=box: list(box["state"].values(True, True)), what)
     return out
 
 
@@ -258,6 +296,66 @@ def bench_functional_overhead(n_tensors: int = 200, repeats: int = 30, size: int
     return {"tensors": n_tensors, "median_ms": med, "ratio": med["functional"] / med["plain loop"]}
 
 
+def bench_pure_breakdown(preset: str, repeats: int) -> dict:
+    """Where the pure step's time goes: its parts and what fresh memory costs, interleaved.
+
+    Rows (median ms, and over fused Adam's step in the same round): the whole
+    pure step (``sm3fn.sm3``, momentum 0), ``tx.update`` alone,
+    ``apply_updates`` alone, the in-place ``SM3.step``; and, for one
+    parameter-sized set of tensors, writing existing memory (the bandwidth
+    floor), writing fresh memory with 4 KiB pages (``empty_like`` + ``fill_``:
+    mostly page faults), and fresh memory with huge pages (what the pure path
+    allocates, :func:`sm3fn._kernels.fused_cpu.fresh_like`).
+    """
+    from sm3fn._kernels.fused_cpu import fresh_like
+    from sm3fn.optim import SM3
+
+    shapes = gpt2_shapes(*PRESETS[preset])
+    gen = torch.Generator().manual_seed(0)
+    params = {f"p{i}": torch.randn(s, generator=gen) * 0.02 for i, s in enumerate(shapes.values())}
+    grads = {k: torch.randn(v.shape, generator=gen) for k, v in params.items()}
+    tx = sm3fn.sm3(1e-6)
+    state = tx.init(params)
+    updates, _ = tx.update(grads, state, params)
+    in_place = [torch.nn.Parameter(p.clone()) for p in params.values()]
+    adam_params = [torch.nn.Parameter(p.clone()) for p in params.values()]
+    for a, b, g in zip(in_place, adam_params, grads.values()):
+        a.grad, b.grad = g, g
+    sm3_opt, adam = SM3(in_place, lr=1e-6), torch.optim.Adam(adam_params, lr=1e-6, fused=True)
+    existing = [torch.empty_like(p) for p in params.values()]
+    fns = {
+        "pure step m=0": lambda: sm3fn.apply_updates(params, tx.update(grads, state, params)[0]),
+        "  tx.update alone": lambda: tx.update(grads, state, params),
+        "  apply_updates alone": lambda: sm3fn.apply_updates(params, updates),
+        "SM3.step (in place)": sm3_opt.step,
+        "write existing memory": lambda: [t.fill_(1.0) for t in existing],
+        "write fresh, 4 KiB pages": lambda: [torch.empty_like(p).fill_(1.0) for p in params.values()],
+        "write fresh, huge pages": lambda: [fresh_like(p).fill_(1.0) for p in params.values()],
+        "Adam fused": adam.step,
+    }
+    for f in fns.values():
+        f()
+    names = list(fns)
+    times = {k: [] for k in names}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            t = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - t)
+    return {"preset": preset, "rows": {
+        name: {"median_ms": 1e3 * statistics.median(ts),
+               "x_adam": _quartiles([t / a for t, a in zip(ts, times["Adam fused"])])}
+        for name, ts in times.items()}}
+
+
+def format_breakdown(result: dict) -> str:
+    lines = [f"pure step breakdown, preset {result['preset']} (1 thread):",
+             f"{'part':28s} {'median ms':>9s} {'x Adam fused (IQR)':>18s}"]
+    for name, r in result["rows"].items():
+        lines.append(f"{name:28s} {r['median_ms']:9.1f} {_ratio(r):>18s}")
+    return "\n".join(lines)
+
+
 def _mib(b: int) -> str:
     return f"{b / 2**20:.2f}"
 
@@ -340,6 +438,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     ap.add_argument("--quick", action="store_true", help="tiny preset, 3 repeats, no torch.compile")
     ap.add_argument("--no-compile", action="store_true", help="skip the compiled sm3fn variants")
     ap.add_argument("--plot", default="sm3fn_benchmark.png", help="PNG path ('' for none)")
+    ap.add_argument("--no-breakdown", action="store_true", help="skip the pure step's breakdown")
     args = ap.parse_args(argv)
     presets = args.presets or (["tiny"] if args.quick else ["16m", "124m"])
     repeats = args.repeats or (3 if args.quick else 11)
@@ -355,6 +454,8 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
         res = bench_preset(preset, repeats, include_compiled=not (args.quick or args.no_compile))
         print(format_table(res), flush=True)
         results.append(res)
+        if not (args.quick or args.no_breakdown):
+            print(format_breakdown(bench_pure_breakdown(preset, repeats)), flush=True)
     over = bench_functional_overhead(repeats=5 if args.quick else 30)
     print(
         f"functional update, {over['tensors']} tensors: "

@@ -31,6 +31,9 @@ import torch
 
 from sm3fn._kernels import layout
 
+__all__ = ["main", "run", "bench_conv", "format_conv", "bench_splits", "conv_shapes", "resnet50_shapes",
+           "make_params"]
+
 
 def resnet50_shapes() -> list[tuple[int, ...]]:
     """The parameter shapes of torchvision's resnet50 (weights and biases), in model order."""

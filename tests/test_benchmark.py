@@ -17,7 +17,7 @@ def test_benchmark_quick_runs(tmp_path, capsys):
     assert png.stat().st_size > 0
     rows = results[0]["rows"]
     for name in ("sm3fn m=0 fused", "sm3fn m=0 blocked", "sm3fn m=0.9 fused", "sm3fn m=0.9 blocked",
-                 "Adam fused", "Adam foreach", "Adagrad", "Adafactor"):
+                 "sm3fn pure m=0", "sm3fn pure m=0.9", "Adam fused", "Adam foreach", "Adagrad", "Adafactor"):
         assert name in rows and name in out
         assert rows[name]["median_ms"] > 0
     # SM3's state is its accumulators (+ step counters; no momentum buffer at momentum 0)
@@ -25,6 +25,16 @@ def test_benchmark_quick_runs(tmp_path, capsys):
     for kernel in ("fused", "blocked"):
         assert minimum <= rows[f"sm3fn m=0 {kernel}"]["state_bytes"] <= 1.05 * minimum
     assert "functional / plain loop" in out
+    # the pure rows keep the same state as the optimizer: accumulators (+ the buffer with momentum)
+    assert minimum <= rows["sm3fn pure m=0"]["state_bytes"] <= 1.05 * minimum
+
+
+@pytest.mark.slow
+def test_pure_breakdown_runs():
+    result = benchmark.bench_pure_breakdown("tiny", 2)
+    assert set(result["rows"]) >= {"pure step m=0", "  tx.update alone", "  apply_updates alone",
+                                   "write fresh, 4 KiB pages", "write fresh, huge pages", "Adam fused"}
+    assert "pure step breakdown" in benchmark.format_breakdown(result)
 
 
 def test_gpt2_preset_sizes():

@@ -12,7 +12,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from entry_points import ENTRY_POINTS
 from reference import ReferenceSM3, random_gradient
 from sparse_reference import ReferenceRowSM3
@@ -83,7 +82,7 @@ def test_every_entry_point_steps_the_table_alike(momentum, beta):
             if k in got_a:
                 _close(got_a[k].reshape(-1), want_a[k].reshape(-1), k, f"{name} accumulator_0")
     # the float64 reference, where the inputs are finite
-    for k, (shape, dtype, kind) in TABLE.items():
+    for k, (_, dtype, kind) in TABLE.items():
         if kind == "frozen":
             assert torch.equal(want_p[k], params0[k])
             continue

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+from distributed_harness import RankPool
+from reference import ReferenceSM3, random_gradient
 from torch import nn
 
 import sm3fn
-from distributed_harness import RankPool
-from reference import ReferenceSM3, random_gradient
 
 pytestmark = pytest.mark.slow
 
@@ -614,10 +614,9 @@ def test_toolbox_transforms_on_dtensors_match_unsharded(ranks):
 def _entry_points_on_dtensors(rank, world_size, momentum):
     """The four entry points (tests/entry_points.py) on DTensor leaves, sharded along several
     dims (an empty shard included), against tx.update on the unsharded tensors."""
+    from entry_points import ENTRY_POINTS
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
-
-    from entry_points import ENTRY_POINTS
 
     mesh = init_device_mesh("cpu", (world_size,))
     layout = {"rows": ((5, 3), [Shard(0)]), "cols": ((4, 5), [Shard(1)]), "empty": ((1, 4), [Shard(0)]),
@@ -632,9 +631,9 @@ def _entry_points_on_dtensors(rank, world_size, momentum):
         got_p, got_a = run(params0, grads, LR, momentum, 0.0)
         for k in layout:
             torch.testing.assert_close(_full(got_p[k]), want_p[k], rtol=1e-12, atol=1e-12,
-                                       msg=lambda m: f"{name} {k}: {m}")
+                                       msg=lambda m, name=name, k=k: f"{name} {k}: {m}")
             torch.testing.assert_close(_full(got_a[k]).reshape(-1), want_a[k].reshape(-1), rtol=1e-12, atol=0,
-                                       msg=lambda m: f"{name} {k} accumulator_0: {m}")
+                                       msg=lambda m, name=name, k=k: f"{name} {k} accumulator_0: {m}")
 
 
 @pytest.mark.parametrize("momentum", [0.0, 0.9])

@@ -15,13 +15,13 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from reference import ReferenceSM3, random_gradient
 
 import sm3fn
 from sm3fn._kernels import fused_cpu as _fused
 from sm3fn._kernels import sm3_step_
 from sm3fn._sm3_math import init_accumulators
 from sm3fn.optim import SM3
-from reference import ReferenceSM3, random_gradient
 
 SHAPES = [(), (1,), (7,), (40,), (3, 37), (17, 16), (1, 5), (5, 1), (2, 3, 19), (2, 1, 3, 5)]
 

@@ -76,9 +76,9 @@ def _check_block_elements(block_elements: Optional[int]) -> None:
         raise ValueError(f"block_elements must be a positive int, got {block_elements!r}")
 
 
-def needs_autograd(*tensors: Optional[torch.Tensor]) -> bool:
+def needs_autograd(*tensors: object) -> bool:
     """Whether the step must be differentiable: tracing, a ``torch.func`` transform, or grad mode
-    with an input that requires grad."""
+    with an input that requires grad (``tensors`` may hold floats and None, which never do)."""
     if torch.compiler.is_compiling() or _checks.functorch_transform_active():
         return True
     return torch.is_grad_enabled() and any(
@@ -172,7 +172,8 @@ def _route_dense(items, *, lr, momentum, beta, eps, fused, compiled, block_eleme
     if swept:
         hyper = _fused.hyperparameters(lr, momentum, beta, eps)
         for j, kernel in swept.items():
-            _fused.sweep_(kernel, *items[j], hyper)
+            p, g, accs, m = items[j]
+            _fused.sweep_(kernel, p, g, accs, m, hyper)
     if rest:
         _blocked.sm3_apply_(*map(list, zip(*rest)), lr=lr, momentum=momentum, beta=beta, eps=eps,
                             compiled=compiled, block_elements=block_elements)
@@ -278,8 +279,10 @@ def _pure_reference(g, accs, m, beta, eps, momentum, lr):
 def _pure_dense(indices, grads, accumulators, buffers, updates, new_accs, new_ms, *,
                 beta, eps, momentum, lr, fused) -> None:
     """Plain dense tensors no gradient flows through: the fused kernel, else the reference math."""
-    # the kernel takes float hyperparameters, and momentum only on the way to an lr
-    floats = not any(isinstance(x, torch.Tensor) for x in (momentum, lr))
+    # the kernel reads its hyperparameters as doubles (lr may be a one-number CPU tensor,
+    # as a schedule gives), and momentum only on the way to an lr
+    floats = not isinstance(momentum, torch.Tensor) and (
+        not isinstance(lr, torch.Tensor) or (lr.numel() == 1 and lr.device.type == "cpu"))
     items = [(None, grads[j], list(accumulators[j]), buffers[j]) for j in indices]
     mode = "u" if lr is None else "sm3"
     use = _use_fused(fused, False) and floats and (lr is not None or all(m is None for *_, m in items))

@@ -41,6 +41,7 @@ def finish(
     """
     new_m = momentum_buffer
     if momentum_buffer is not None:
+        assert momentum is not None, "a momentum buffer comes with a momentum"
         new_m = ema(momentum_buffer, u.to(momentum_buffer.dtype), momentum)
         u = new_m.to(u.dtype)
     if lr is not None:

@@ -26,18 +26,21 @@ def named_chain(*named: tuple[str, GradientTransformation]) -> GradientTransform
         return TensorDict({n: tx.init(params) for n, tx in named}, batch_size=[])
 
     def update(updates: Tree, state: OptState, params: Optional[Tree] = None) -> tuple[Tree, OptState]:
-        missing = [n for n in names if n not in state.keys()]
-        extra = [k for k in state.keys() if k not in names]
-        if missing or extra:
-            raise ValueError(
-                f"chain state has keys {sorted(state.keys())}, expected {names}"
-            )
+        check_chain_state(state, names)
         new_state = {}
         for n, tx in named:
             updates, new_state[n] = tx.update(updates, state.get(n), params)
         return updates, TensorDict(new_state, batch_size=[])
 
     return GradientTransformation(init, update)
+
+
+def check_chain_state(state: OptState, names: list[str]) -> None:
+    """A chain's state must hold exactly one entry per stage."""
+    missing = [n for n in names if n not in state.keys()]
+    extra = [k for k in state.keys() if k not in names]
+    if missing or extra:
+        raise ValueError(f"chain state has keys {sorted(state.keys())}, expected {names}")
 
 
 def chain(*transforms: GradientTransformation) -> GradientTransformation:

@@ -46,19 +46,7 @@ def _buffered(
         # a tensor decay may have been changed in place since the factory checked it
         _checks.check_scalar("decay", decay, 0.0, 1.0)
         incoming = _tree.flatten(updates, "updates")
-        buffers = _tree.flatten(state, f"{owner} state")
-        passed = {p for p in incoming if declared_sparse(p) and p not in buffers}
-        _tree.check_same_keys([p for p in incoming if p not in passed], buffers, owner)
-        for path, u in incoming.items():
-            if u is None or path in passed:
-                continue
-            _checks.check_floating("updates", path, u)
-            _sharded.check_same_kind(owner, path, update=u, state=buffers[path])
-            if u.shape != buffers[path].shape:
-                raise ValueError(
-                    f"updates[{_tree.fmt(path)}] has shape {tuple(u.shape)}, but the {owner} "
-                    f"state was made for shape {tuple(buffers[path].shape)}"
-                )
+        buffers, passed = checked_buffers(owner, incoming, state, declared_sparse)
         outgoing, new_buffers = {}, {}
         for path, u in incoming.items():
             if path in passed:
@@ -72,6 +60,26 @@ def _buffered(
         return _tree.unflatten_like(updates, outgoing), _tree.state_tree(new_buffers)
 
     return GradientTransformation(init, update)
+
+
+def checked_buffers(owner: str, incoming: dict, state: OptState, declared_sparse):
+    """``(buffers by path, paths passed through)``: the state of a buffered transform checked
+    against the incoming updates (keys, dtype, shape, DTensor or not).  A parameter declared
+    sparse keeps no buffer; its updates pass through."""
+    buffers = _tree.flatten(state, f"{owner} state")
+    passed = {p for p in incoming if declared_sparse(p) and p not in buffers}
+    _tree.check_same_keys([p for p in incoming if p not in passed], buffers, owner)
+    for path, u in incoming.items():
+        if u is None or path in passed:
+            continue
+        _checks.check_floating("updates", path, u)
+        _sharded.check_same_kind(owner, path, update=u, state=buffers[path])
+        if u.shape != buffers[path].shape:
+            raise ValueError(
+                f"updates[{_tree.fmt(path)}] has shape {tuple(u.shape)}, but the {owner} "
+                f"state was made for shape {tuple(buffers[path].shape)}"
+            )
+    return buffers, passed
 
 
 def ema(

@@ -15,6 +15,7 @@ from sm3fn.base import ACCUMULATOR_PREFIX, GradientTransformation, OptState, Tre
 
 __all__ = ["scale_by_sm3"]
 
+
 def accumulators_by_param(state: OptState) -> dict[_tree.Path, list[torch.Tensor]]:
     """``state`` of :func:`scale_by_sm3` as ``{param path: [a_0, ..., a_{k-1}]}``."""
     found: dict[_tree.Path, dict[int, torch.Tensor]] = {}
@@ -118,32 +119,41 @@ def scale_by_sm3(
     def update(updates: Tree, state: OptState, params: Optional[Tree] = None) -> tuple[Tree, OptState]:
         # a tensor beta may have been changed in place since the factory checked it
         _checks.check_scalar("beta", beta, 0.0, 1.0)
-        accs_by_path = accumulators_by_param(state)
-        # before any gradient is read: torch.compile rejects a sparse one on sight
-        _sparse.check_not_compiling(
-            [f"parameter {_tree.fmt(p)}" for p in accs_by_path if declared_sparse(p)],
-            "scale_by_sm3", "; or leave it out of sparse= and give it dense gradients",
-        )
-        grads = _tree.flatten(updates, "grads")
-        _tree.check_same_keys(grads, accs_by_path, "scale_by_sm3")
-        for path, g in grads.items():
-            if g is not None:
-                _sharded.check_same_kind(
-                    "scale_by_sm3", path, grad=g,
-                    **{f"{ACCUMULATOR_PREFIX}{i}": a for i, a in enumerate(accs_by_path[path])},
-                )
-                check_grad(path, g, accs_by_path[path])
-
+        grads, accs_by_path = checked_inputs(updates, state, declared_sparse)
         live = list(grads)
         new_updates, new_accs, _ = sm3_step(
             [grads[path] for path in live], [accs_by_path[path] for path in live],
             beta=beta, eps=eps, paths=live,
         )
-        new_updates = dict(zip(live, new_updates))
-        new_accs = dict(zip(live, new_accs))
-        return _tree.unflatten_like(updates, new_updates), accumulator_state(new_accs)
+        return (_tree.unflatten_like(updates, dict(zip(live, new_updates))),
+                accumulator_state(dict(zip(live, new_accs))))
 
     return GradientTransformation(init, update)
+
+
+def checked_inputs(
+    updates: Tree, state: OptState, declared_sparse, owner: str = "scale_by_sm3"
+) -> tuple[dict[_tree.Path, Optional[torch.Tensor]], dict[_tree.Path, list[torch.Tensor]]]:
+    """``(gradients by path, accumulators by path)``, every gradient checked against its state.
+
+    ``declared_sparse`` is ``path -> bool`` (:func:`sm3fn._kernels.sparse.check_spec`).
+    Runs before any gradient is read under ``torch.compile``, which rejects a
+    sparse one on sight.
+    """
+    accs_by_path = accumulators_by_param(state)
+    _sparse.check_not_compiling(
+        [f"parameter {_tree.fmt(p)}" for p in accs_by_path if declared_sparse(p)],
+        owner, "; or leave it out of sparse= and give it dense gradients",
+    )
+    grads = _tree.flatten(updates, "grads")
+    _tree.check_same_keys(grads, accs_by_path, owner)
+    for path, g in grads.items():
+        if g is not None:
+            _sharded.check_same_kind(
+                owner, path, grad=g, **{f"{ACCUMULATOR_PREFIX}{i}": a for i, a in enumerate(accs_by_path[path])},
+            )
+            check_grad(path, g, accs_by_path[path])
+    return grads, accs_by_path
 
 
 def check_grad(path: _tree.Path, g: torch.Tensor, accs: list[torch.Tensor]) -> None:

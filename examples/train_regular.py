@@ -58,7 +58,7 @@ def main() -> None:
     opt = SM3(model.parameters(), lr=args.lr, momentum=args.momentum)
     total = args.epochs * len(loader)
     warm_up = max(1, total // 20)
-    # the authors' recipe (seed README): quadratic warm-up, linear cool-down over the last 10%
+    # the authors' recipe (torch-SM3's README): quadratic warm-up, linear cool-down over the last 10%
     lr_lambda = lambda step: min(1.0, (step / warm_up) ** 2, (total - step) / (0.1 * total))  # noqa: E731
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
 

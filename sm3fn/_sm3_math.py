@@ -271,5 +271,5 @@ def saturate(accumulator: torch.Tensor, inplace: bool = False) -> torch.Tensor:
 def ema(
     buffer: torch.Tensor, value: torch.Tensor, decay: Scalar, out: Optional[torch.Tensor] = None
 ) -> torch.Tensor:
-    """``decay * buffer + (1 - decay) * value``: the seed's momentum on ``u``."""
+    """``decay * buffer + (1 - decay) * value``: torch-SM3's momentum on ``u``."""
     return torch.lerp(value, buffer, decay, out=out)

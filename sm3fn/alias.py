@@ -29,7 +29,7 @@ def sm3(
     momentum_dtype: Optional[torch.dtype] = None,
     sparse: SparseSpec = None,
 ) -> GradientTransformation:
-    """SM3-II with the seed's momentum and a learning rate.
+    """SM3-II with torch-SM3's momentum and a learning rate.
 
     ``named_chain(("sm3", scale_by_sm3(beta, eps)), ("momentum", ema(momentum)),
     ("learning_rate", scale_by_learning_rate(learning_rate)))``; the momentum

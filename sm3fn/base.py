@@ -38,6 +38,12 @@ __all__ = [
     "apply_updates",
 ]
 
+# State keys that more than one module reads or writes, named once here.
+COUNT = "count"
+"""The step-count entry of a transform's state (schedules, averaging, inject_hyperparams)."""
+ACCUMULATOR_PREFIX = "accumulator_"
+"""SM3's accumulators are stored as ``accumulator_0`` ... ``accumulator_{k-1}`` per parameter."""
+
 # (the string under each alias is its documentation, which the API reference shows)
 Tree = Union[Mapping[str, Any], TensorDictBase]
 """A dict (possibly nested) or a TensorDict of tensors; dict leaves may be None."""

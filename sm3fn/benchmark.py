@@ -281,7 +281,7 @@ def bench_functional_overhead(n_tensors: int = 200, repeats: int = 30, size: int
         _tree.flatten(grads, "grads")
         sm3fn.transforms.sm3.accumulators_by_param(state["sm3"])
         _tree.unflatten_like(grads, flat)
-        _tree.state_tree({k + ("accumulator_0",): v for k, v in flat.items()})
+        _tree.state_tree({k + (f"{sm3fn.base.ACCUMULATOR_PREFIX}0",): v for k, v in flat.items()})
 
     fns = {"functional": functional, "plain loop": plain_loop, "tree/TensorDict only": tree_only}
     times = {k: [] for k in fns}

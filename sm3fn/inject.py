@@ -24,11 +24,11 @@ import torch
 from tensordict import TensorDict
 
 from sm3fn import _checks, _tree
-from sm3fn.base import GradientTransformation, OptState, Tree
+from sm3fn.base import COUNT, GradientTransformation, OptState, Tree
 
 __all__ = ["inject_hyperparams"]
 
-COUNT, HYPERPARAMS, INNER_STATE = "count", "hyperparams", "inner_state"
+HYPERPARAMS, INNER_STATE = "hyperparams", "inner_state"
 
 
 def inject_hyperparams(

@@ -19,8 +19,7 @@ from sm3fn import _checks, _tree
 from sm3fn._kernels import check_kernel_choice, sm3_step_
 from sm3fn._kernels import sharded as _sharded
 from sm3fn._kernels import sparse as _sparse
-from sm3fn.base import OptState, ScalarOrSchedule, Tree
-from sm3fn.transforms.scaling import COUNT
+from sm3fn.base import ACCUMULATOR_PREFIX, COUNT, OptState, ScalarOrSchedule, Tree
 from sm3fn.transforms.sm3 import accumulators_by_param, check_grad
 
 __all__ = ["sm3_update_"]
@@ -129,7 +128,7 @@ def sm3_update_(
             )
         _sharded.check_same_kind(
             "sm3_update_", path, param=p, grad=g, momentum_buffer=buffers.get(path),
-            **{f"accumulator_{i}": a for i, a in enumerate(accs_by_path[path])},
+            **{f"{ACCUMULATOR_PREFIX}{i}": a for i, a in enumerate(accs_by_path[path])},
         )
         if _sparse.is_sparse(g) and _sharded.is_dtensor(p):
             raise TypeError(f"grads[{_tree.fmt(path)}] is sparse and params[{_tree.fmt(path)}] a DTensor; "
@@ -149,7 +148,7 @@ def sm3_update_(
         scheduled = learning_rate(count)
         _checks.check_scalar("learning_rate(count)", scheduled, 0.0)
         lr = _as_float("learning_rate(count)", scheduled) if isinstance(scheduled, torch.Tensor) else float(scheduled)
-    state_tensors = [(f"state['sm3'][{_tree.fmt(path)}]['accumulator_{i}']", a)
+    state_tensors = [(f"state['sm3'][{_tree.fmt(path)}]['{ACCUMULATOR_PREFIX}{i}']", a)
                      for path in live for i, a in enumerate(accs_by_path[path])]
     state_tensors += [(f"state['momentum'][{_tree.fmt(path)}]", buffers[path])
                       for path in live if path in buffers]

@@ -30,7 +30,7 @@ def init(params: dict) -> dict:
 
 
 def step(params: dict, grads: dict, state: dict, lr, momentum=0.0, beta=0.0, eps=1e-30):
-    """One SM3-II step with the seed's EMA momentum; returns new (params, state)."""
+    """One SM3-II step with torch-SM3's EMA momentum; returns new (params, state)."""
     new_params, new_state = {}, {}
     for k, p in params.items():
         g, acc, m = grads[k], state[k]["acc"], state[k]["m"]

@@ -1,6 +1,6 @@
 """An independent float64 SM3-II, written from the paper's equations in NumPy.
 
-Anil et al. 2019, Algorithm SM3-II, with the seed's EMA momentum.  It loops
+Anil et al. 2019, Algorithm SM3-II, with torch-SM3's EMA momentum.  It loops
 over coordinates on purpose: it shares no code, layout or broadcasting trick
 with sm3fn, so agreement means something.
 """

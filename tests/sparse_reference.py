@@ -1,7 +1,7 @@
 """An independent float64 row-cover SM3 for sparse gradients, in NumPy.
 
 Written from the equations (Anil et al. 2019, SM3-II with the row cover; the
-sparse rule of SPEC section 1) with coordinate loops: one accumulator per row;
+sparse rule of torch-SM3: only the rows a sparse gradient touches are updated) with coordinate loops: one accumulator per row;
 a step touches only the rows that appear in the gradient; no momentum.  It
 shares no code with sm3fn: it sums repeated entries itself, walks rows and
 coordinates one at a time, and never sees a torch tensor.

@@ -64,3 +64,17 @@ def test_train_regular_runs_the_drop_in_loop(monkeypatch, capsys):
 def test_sparse_bag_of_words_reports_memory(monkeypatch, capsys):
     out = _run("sparse_bag_of_words.py", [], monkeypatch, capsys)
     assert "MiB" in out
+
+
+def test_maml_sinusoid_runs_and_plots(tmp_path, monkeypatch, capsys):
+    """The meta-learning examples run a few meta-steps, so they cannot rot."""
+    out = tmp_path / "fits.png"
+    text = _run("maml_sinusoid.py", ["--meta-steps", "3", "--meta-batch", "4", "--test-tasks", "3", "--plot", str(out)],
+                monkeypatch, capsys)
+    assert "before meta-training" in text and "after meta-training" in text
+    assert out.stat().st_size > 10_000
+
+
+def test_meta_learn_lr_runs(monkeypatch, capsys):
+    text = _run("meta_learn_lr.py", ["--meta-steps", "2", "--inner-steps", "3"], monkeypatch, capsys)
+    assert "initial" in text and "learned" in text

@@ -186,7 +186,7 @@ def test_learning_rate_changes_do_not_rebuild():
 
 def test_uncovered_tensors_take_the_blocked_path():
     """Statistics in another dtype than the kernel's, and views with gaps (not a permutation
-    of a contiguous tensor; a transpose is one, see tests/test_layout.py): fused=None steps
+    of a contiguous tensor; a transpose is one, see tests/test_kernels_layout.py): fused=None steps
     them exactly as fused=False does; fused=True refuses them (as Adam(fused=True) does),
     with nothing written."""
     gen = torch.Generator().manual_seed(5)

@@ -1,23 +1,16 @@
 """sm3fn.optim.FunctionalOptimizer: any GradientTransformation as a torch.optim optimizer."""
 
-import io
 
 import numpy as np
 import pytest
 import torch
+from helpers import functional_run, param_groups_with_references, saved_and_loaded
+from reference import random_gradient
 
 import sm3fn
-from reference import ReferenceSM3, random_gradient
 from sm3fn.optim import FunctionalOptimizer
 
 SHAPES = [(), (6,), (5, 4), (3, 2, 4)]
-
-
-def saved_and_loaded(obj):
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
 
 
 def schedule(count):
@@ -31,15 +24,7 @@ def scheduled_tx():
 def test_sm3_factory_with_param_groups_and_scheduler_matches_reference():
     rng = np.random.default_rng(0)
     specs = [{"lr": 0.1, "momentum": 0.0}, {"lr": 0.02, "momentum": 0.9}]
-    groups, params, refs = [], [], []
-    for spec in specs:
-        ps = []
-        for shape in SHAPES:
-            init = rng.standard_normal(shape)
-            ps.append(torch.nn.Parameter(torch.tensor(init)))
-            refs.append(ReferenceSM3(init, **spec))
-        groups.append({"params": ps, **spec})
-        params += ps
+    groups, params, refs = param_groups_with_references(specs, SHAPES, rng)
     opt = FunctionalOptimizer(groups, lambda lr, momentum: sm3fn.sm3(lr, momentum), lr=1.0, momentum=0.5)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: min(1.0, ((t + 1) / 3) ** 2))
     for t in range(5):
@@ -56,14 +41,6 @@ def test_sm3_factory_with_param_groups_and_scheduler_matches_reference():
     w = params[len(SHAPES) + 2]  # the (5, 4) matrix of the momentum group
     assert set(opt.state[w]) == {"sm3.*.accumulator_0", "sm3.*.accumulator_1", "momentum.*"}
     np.testing.assert_allclose(opt.state[w]["sm3.*.accumulator_1"].numpy().reshape(-1), refs[len(SHAPES) + 2].acc[1])
-
-
-def functional_run(tx, params, grads_per_step):
-    state = tx.init(params)
-    for grads in grads_per_step:
-        updates, state = tx.update(grads, state, params)
-        params = sm3fn.apply_updates(params, updates)
-    return params, state
 
 
 def random_grads(steps, seed, shapes=SHAPES):

@@ -1,20 +1,20 @@
 """sm3fn.optim.SM3: the torch.optim adapter, against the float64 reference and torch-SM3."""
 
-import io
 import warnings
 
 import numpy as np
 import pytest
 import torch
-
+from helpers import param_groups_with_references, saved_and_loaded
 from reference import ReferenceSM3, random_gradient
+
 from sm3fn.optim import SM3
 
 TorchSM3 = pytest.importorskip("SM3").SM3  # torch-SM3, in the "test" extra
 
 
 def seed_lambda(warm_up, total):
-    """The authors' recipe from the seed README: quadratic warm-up, linear cool-down over the last 10%."""
+    """The authors' recipe from torch-SM3's README: quadratic warm-up, linear cool-down over the last 10%."""
     return lambda epoch: min(1.0, (epoch / warm_up) ** 2, (total - epoch) / (0.1 * total))
 
 
@@ -44,13 +44,6 @@ def train(model, opt, data, sched=None):
         opt.step()
         if sched is not None:
             sched.step()
-
-
-def saved_and_loaded(obj):
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
 
 
 def assert_states_close(ours, theirs, rtol, atol):
@@ -120,16 +113,7 @@ SHAPES = [(), (7,), (6, 5), (3, 4, 2), (1, 9)]
 
 def run_against_reference(groups_spec, steps, rng, lrs=None):
     """groups_spec: list of hyperparameter dicts; each group gets every shape in SHAPES."""
-    params, refs, groups = [], [], []
-    for spec in groups_spec:
-        ps = []
-        for shape in SHAPES:
-            init = rng.standard_normal(shape)
-            p = torch.nn.Parameter(torch.tensor(init, dtype=torch.float64))
-            ps.append(p)
-            refs.append(ReferenceSM3(init, **spec))
-        params.extend(ps)
-        groups.append({"params": ps, **spec})
+    groups, params, refs = param_groups_with_references(groups_spec, SHAPES, rng)
     opt = SM3(groups, lr=123.0, momentum=0.5, beta=0.25)  # defaults every group overrides
     for t in range(steps):
         for p, ref in zip(params, refs):
@@ -187,7 +171,7 @@ def test_beta_accumulators_decay_unlike_torch_sm3():
 
 
 def test_learning_rate_schedule_matches_reference():
-    """LambdaLR with the seed's warm-up + cool-down: each step uses the scheduled rate."""
+    """LambdaLR with torch-SM3's README warm-up + cool-down: each step uses the scheduled rate."""
     rng = np.random.default_rng(4)
     total, warm = 12, 3
     lam = seed_lambda(warm, total)
@@ -383,7 +367,7 @@ def test_bad_hyperparameter_at_step_changes_nothing():
 
 
 def test_bad_sparse_gradient_is_refused_clearly():
-    # SM3._check_sparse (the sparse kernel's check; tests/test_sparse_optim.py has the
+    # SM3._check_sparse (the sparse kernel's check; tests/test_optim_sm3_sparse.py has the
     # rest): a clear error, raised before the dense parameters move
     emb, lin = torch.nn.Embedding(10, 3, sparse=True), torch.nn.Linear(3, 2)
     opt = SM3([{"params": lin.parameters()}, {"params": emb.parameters()}])

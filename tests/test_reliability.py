@@ -1,4 +1,4 @@
-"""Issue 15: a failing step moves nothing, accumulators at their own size, aliased
+"""Reliability: a failing step moves nothing, accumulators at their own size, aliased
 parameters, tensor hyperparameters re-checked, states that share nothing, checkpoints
 with impossible values refused, and private PyTorch APIs behind fallbacks."""
 
@@ -43,7 +43,7 @@ def _assert_unchanged(model, opt, snap):
             assert torch.equal(v, state[id(p)][k]) if isinstance(v, torch.Tensor) else v == state[id(p)][k]
 
 
-# -- item 2: a failing step moves nothing ------------------------------------------------
+# -- a failing step moves nothing ------------------------------------------------
 
 
 @pytest.mark.parametrize("fused", KERNELS)
@@ -102,7 +102,7 @@ def test_float8_statistics_dtype_is_refused(make):
         make(torch.float8_e4m3fn)
 
 
-# -- item 4: aliased parameters ----------------------------------------------------------
+# -- aliased parameters ----------------------------------------------------------
 
 
 def _aliased_pair():
@@ -178,7 +178,7 @@ def test_tied_weights_step_once_as_the_reference(fused):
     assert head.weight is emb.weight
 
 
-# -- item 5: tensor hyperparameters changed in place are checked again -------------------
+# -- tensor hyperparameters changed in place are checked again -------------------
 
 
 def _pure_setup():
@@ -225,7 +225,7 @@ def test_tensor_hyperparameters_are_not_read_under_vmap():
     torch.testing.assert_close(out[1], 2 * out[0])
 
 
-# -- item 3: state made at its own size --------------------------------------------------
+# -- state made at its own size --------------------------------------------------
 
 
 
@@ -278,7 +278,7 @@ def test_load_state_dict_allocates_about_the_state():
         assert torch.equal(fresh.state[p][k], v)
 
 
-# -- item 6: a new state shares no memory with the old one -------------------------------
+# -- a new state shares no memory with the old one -------------------------------
 
 SHARING_CASES = {
     "sm3": lambda: sm3fn.sm3(0.1, momentum=0.9),
@@ -337,7 +337,7 @@ def test_sparse_updates_share_no_memory_either():
         state = new_state
 
 
-# -- item 7: checkpoints with impossible values are refused ------------------------------
+# -- checkpoints with impossible values are refused ------------------------------
 
 
 def _stepped(opt_factory):
@@ -409,7 +409,7 @@ def test_torch_sm3_row_cover_with_a_nan_is_refused():
         opt.load_state_dict(saved)
 
 
-# -- item 8 and issue 13 item 4: private PyTorch APIs behind fallbacks -------------------
+# -- private PyTorch APIs behind fallbacks -------------------
 
 
 

@@ -1,31 +1,16 @@
 """Resume: stop anywhere, torch.save, torch.load(weights_only=True) into fresh objects,
 continue: bit-identical to never stopping."""
 
-import io
 import math
 
 import pytest
 import torch
+from helpers import assert_trees_bit_equal, functional_run, saved_and_loaded
 from tensordict import TensorDict, TensorDictBase
 
 import sm3fn
 
 STEPS = 12
-
-
-def _leaves(tree):
-    if isinstance(tree, TensorDictBase):
-        return dict(tree.items(include_nested=True, leaves_only=True))
-    return dict(tree)
-
-
-def assert_bit_identical(x, y):
-    lx, ly = _leaves(x), _leaves(y)
-    assert lx.keys() == ly.keys()
-    for k in lx:
-        a, b = lx[k], ly[k]
-        assert a.dtype == b.dtype and a.shape == b.shape, k
-        assert torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)), k
 
 
 def make_tx():
@@ -52,38 +37,24 @@ def problem(dtype, container):
     return params, grads
 
 
-def run(tx, params, state, grads):
-    for g in grads:
-        updates, state = tx.update(g, state, params)
-        params = sm3fn.apply_updates(params, updates)
-    return params, state
-
-
-def roundtrip(obj):
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
-
-
 @pytest.mark.parametrize("stop", [0, 1, 5, 6, 11, STEPS])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("container", ["dict", "tensordict"])
 def test_functional_resume_is_bit_identical(stop, dtype, container):
     params, grads = problem(dtype, container)
     tx = make_tx()
-    want_params, want_state = run(tx, params, tx.init(params), grads)
+    want_params, want_state = functional_run(tx, params, grads)
 
     tx = make_tx()
-    p, s = run(tx, params, tx.init(params), grads[:stop])
-    saved = roundtrip({"params": p, "state": s, "step": stop})
+    p, s = functional_run(tx, params, grads[:stop])
+    saved = saved_and_loaded({"params": p, "state": s, "step": stop})
     del tx, p, s
     tx = make_tx()
-    p, s = run(tx, saved["params"], saved["state"], grads[saved["step"]:])
+    p, s = functional_run(tx, saved["params"], grads[saved["step"]:], state=saved["state"])
 
     assert type(p) is type(want_params)
-    assert_bit_identical(p, want_params)
-    assert_bit_identical(s, want_state)
+    assert_trees_bit_equal(p, want_params)
+    assert_trees_bit_equal(s, want_state)
     assert int(s["skipped"]) == 1
 
 
@@ -91,10 +62,10 @@ def test_saved_state_loads_on_a_fresh_process_layout(tmp_path):
     """Through a file, with every leaf a plain tensor that weights_only accepts."""
     params, grads = problem(torch.float32, "dict")
     tx = make_tx()
-    p, s = run(tx, params, tx.init(params), grads[:3])
+    p, s = functional_run(tx, params, grads[:3])
     torch.save({"params": p, "state": s}, tmp_path / "ckpt.pt")
     loaded = torch.load(tmp_path / "ckpt.pt", weights_only=True)
-    assert_bit_identical(loaded["state"], s)
+    assert_trees_bit_equal(loaded["state"], s)
     assert isinstance(loaded["state"], TensorDictBase)
 
 
@@ -144,7 +115,7 @@ def test_adapter_resume_with_scheduler_is_bit_identical(stop):
 
     model, opt, sched = fresh_training()
     adapter_train(model, opt, sched, data[:stop])
-    saved = roundtrip({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()})
+    saved = saved_and_loaded({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()})
     del model, opt, sched
     model, opt, sched = fresh_training()
     model.load_state_dict(saved["model"])
@@ -152,9 +123,9 @@ def test_adapter_resume_with_scheduler_is_bit_identical(stop):
     sched.load_state_dict(saved["sched"])
     adapter_train(model, opt, sched, data[stop:])
 
-    assert_bit_identical(dict(model.named_parameters()), dict(want_model.named_parameters()))
+    assert_trees_bit_equal(dict(model.named_parameters()), dict(want_model.named_parameters()))
     got, want = opt.state_dict(), want_opt.state_dict()
     assert got["param_groups"] == want["param_groups"] and got["skipped_steps"] == want["skipped_steps"] == 1
     assert got["state"].keys() == want["state"].keys()
     for i in want["state"]:
-        assert_bit_identical(got["state"][i], want["state"][i])
+        assert_trees_bit_equal(got["state"][i], want["state"][i])

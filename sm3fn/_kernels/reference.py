@@ -34,7 +34,7 @@ def finish(
     momentum: Optional[Scalar],
     lr: Optional[Scalar],
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """``(update, new momentum buffer)`` from ``u``: the seed's EMA (with a buffer), then ``* -lr``.
+    """``(update, new momentum buffer)`` from ``u``: torch-SM3's EMA (with a buffer), then ``* -lr``.
 
     ``lr`` None: no learning-rate stage (``scale_by_sm3`` alone).  Works on
     DTensors as on plain tensors.

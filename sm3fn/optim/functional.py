@@ -46,7 +46,7 @@ from tensordict import TensorDictBase
 from torch.optim.optimizer import ParamsT
 
 from sm3fn import _checks, _tree
-from sm3fn.base import GradientTransformation, apply_updates
+from sm3fn.base import ACCUMULATOR_PREFIX, GradientTransformation, apply_updates
 
 __all__ = ["FunctionalOptimizer", "PARAM", "param_key", "split_state"]
 
@@ -338,7 +338,7 @@ class FunctionalOptimizer(torch.optim.Optimizer):
         """
         _checks.check_no_self_overlap(where, value)
         template = self._state_template(key)
-        if template and template[-1].startswith("accumulator_"):
+        if template and template[-1].startswith(ACCUMULATOR_PREFIX):
             _checks.check_loaded_accumulator(where, value)
         elif template and template[0] == "momentum":  # sm3fn.sm3's momentum stage (ema)
             _checks.check_loaded_accumulator(where, value, nonnegative=False)

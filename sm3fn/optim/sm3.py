@@ -35,6 +35,7 @@ from sm3fn._kernels import sparse as _sparse
 from sm3fn._kernels.dispatch import refuse_uncovered
 from sm3fn._sm3_math import accumulator_shapes
 from sm3fn.alias import sm3 as sm3_tx
+from sm3fn.base import ACCUMULATOR_PREFIX
 from sm3fn.optim.functional import PARAM, FunctionalOptimizer, Template, one_value, param_key
 from sm3fn.optim.functional import _describe as _describe_value
 from sm3fn.transforms.finite import all_finite
@@ -44,7 +45,6 @@ __all__ = ["SM3"]
 STEP = "step"
 SKIPPED_STEPS = "skipped_steps"  # a top-level state_dict entry, with skip_nonfinite=True
 MOMENTUM_BUFFER = "momentum_buffer"
-ACCUMULATOR = "accumulator_"
 
 # where each entry of sm3fn.sm3's state lives (see sm3fn.alias.sm3)
 _SM3_STAGE, _MOMENTUM_STAGE = "sm3", "momentum"
@@ -85,13 +85,13 @@ def _check_weight_decay(weight_decay: Any) -> None:
 
 def _row_cover(state: Mapping[str, Any], p: torch.Tensor) -> bool:
     """State made by a sparse gradient: the row accumulator of a parameter with 2+ dims only."""
-    return p.dim() >= 2 and f"{ACCUMULATOR}0" in state and f"{ACCUMULATOR}1" not in state
+    return p.dim() >= 2 and f"{ACCUMULATOR_PREFIX}0" in state and f"{ACCUMULATOR_PREFIX}1" not in state
 
 
 def _accumulators(state: Mapping[str, Any], p: torch.Tensor) -> list[torch.Tensor]:
     if _row_cover(state, p):
-        return [state[f"{ACCUMULATOR}0"]]
-    return [state[f"{ACCUMULATOR}{i}"] for i in range(max(1, p.dim()))]
+        return [state[f"{ACCUMULATOR_PREFIX}0"]]
+    return [state[f"{ACCUMULATOR_PREFIX}{i}"] for i in range(max(1, p.dim()))]
 
 
 class SM3(FunctionalOptimizer):
@@ -267,14 +267,14 @@ class SM3(FunctionalOptimizer):
     def _state_key(self, template: Template) -> str:
         if template == (_MOMENTUM_STAGE, PARAM):
             return MOMENTUM_BUFFER
-        if len(template) == 3 and template[:2] == (_SM3_STAGE, PARAM) and template[2].startswith(ACCUMULATOR):
+        if len(template) == 3 and template[:2] == (_SM3_STAGE, PARAM) and template[2].startswith(ACCUMULATOR_PREFIX):
             return template[2]
         raise ValueError(f"SM3 has no name for the state entry {template}")  # sm3fn.sm3 changed
 
     def _state_template(self, key: str) -> Optional[Template]:
         if key == MOMENTUM_BUFFER:
             return (_MOMENTUM_STAGE, PARAM)
-        if key.startswith(ACCUMULATOR):
+        if key.startswith(ACCUMULATOR_PREFIX):
             return (_SM3_STAGE, PARAM, key)
         return None  # "step"
 
@@ -291,7 +291,7 @@ class SM3(FunctionalOptimizer):
         """``fused=True``: a ``ValueError`` if no fused kernel covers ``p`` (checked
         for every group before any is stepped; a parameter without state yet is probed with
         stand-ins of the statistics dtypes its state will have)."""
-        if f"{ACCUMULATOR}0" in state:
+        if f"{ACCUMULATOR_PREFIX}0" in state:
             accs = _accumulators(state, p)
         else:  # small: the accumulators' own shapes, as tx.init makes them
             dtype = _checks.statistics_dtype(p.dtype, self.accumulator_dtype)
@@ -311,7 +311,7 @@ class SM3(FunctionalOptimizer):
 
     def _statistics_dtype(self, p: torch.Tensor) -> torch.dtype:
         """The dtype ``p``'s accumulators are (or will be) kept in."""
-        acc = self.state.get(p, {}).get(f"{ACCUMULATOR}0")
+        acc = self.state.get(p, {}).get(f"{ACCUMULATOR_PREFIX}0")
         if isinstance(acc, torch.Tensor):
             return acc.dtype
         return _checks.statistics_dtype(p.dtype, self.accumulator_dtype)
@@ -345,9 +345,9 @@ class SM3(FunctionalOptimizer):
         state keeps its ``accumulator_0`` (and the rest, which sparse steps leave alone)."""
         for p in params:
             state = self.state[p]
-            if f"{ACCUMULATOR}0" not in state:
+            if f"{ACCUMULATOR_PREFIX}0" not in state:
                 dtype = _checks.statistics_dtype(p.dtype, self.accumulator_dtype)
-                state[f"{ACCUMULATOR}0"] = _sparse.row_accumulator(p.detach(), dtype)
+                state[f"{ACCUMULATOR_PREFIX}0"] = _sparse.row_accumulator(p.detach(), dtype)
             state.setdefault(STEP, torch.zeros((), dtype=torch.int64))
 
     @torch.no_grad()
@@ -410,7 +410,7 @@ class SM3(FunctionalOptimizer):
                 param_key(index[id(p)]): p
                 for p in params
                 if not _row_cover(self.state.get(p, {}), p)  # the row cover stays as it is
-                and (f"{ACCUMULATOR}0" not in self.state.get(p, {})
+                and (f"{ACCUMULATOR_PREFIX}0" not in self.state.get(p, {})
                      or (with_momentum and not isinstance(self.state[p].get(MOMENTUM_BUFFER), torch.Tensor)))
             }
             if not needs:
@@ -506,7 +506,7 @@ class SM3(FunctionalOptimizer):
             )
         else:
             buffer = None
-        row_cover = [k for k in saved if k.startswith(ACCUMULATOR)] == [f"{ACCUMULATOR}0"]
+        row_cover = [k for k in saved if k.startswith(ACCUMULATOR_PREFIX)] == [f"{ACCUMULATOR_PREFIX}0"]
         if p.dim() >= 2 and row_cover and buffer is None:  # state made by sparse gradients
             out = self._load_row_cover(name, p, saved)
         else:
@@ -519,15 +519,15 @@ class SM3(FunctionalOptimizer):
 
     def _load_row_cover(self, name: str, p: torch.Tensor, saved: Mapping[str, Any]) -> dict[str, Any]:
         """The row accumulator alone: ours ``(n_1, 1, ..., 1)`` or torch-SM3's sparse ``(n_1,)``."""
-        acc = saved[f"{ACCUMULATOR}0"]
-        extra = sorted(k for k in saved if k != f"{ACCUMULATOR}0")
+        acc = saved[f"{ACCUMULATOR_PREFIX}0"]
+        extra = sorted(k for k in saved if k != f"{ACCUMULATOR_PREFIX}0")
         if extra or not isinstance(acc, torch.Tensor) or acc.numel() != p.shape[0]:
             raise ValueError(
-                f"{name} (shape {tuple(p.shape)}): a loaded state with only {ACCUMULATOR}0 is the row "
+                f"{name} (shape {tuple(p.shape)}): a loaded state with only {ACCUMULATOR_PREFIX}0 is the row "
                 f"cover of sparse gradients and needs {p.shape[0]} numbers and no other entries; got "
                 f"{_describe_value(acc)}" + (f" and {extra}" if extra else "")
             )
         keepdim = (p.shape[0],) + (1,) * (p.dim() - 1)
         dtype = _checks.statistics_dtype(p.dtype, self.accumulator_dtype)
-        key = f"{ACCUMULATOR}0"
+        key = f"{ACCUMULATOR_PREFIX}0"
         return {key: self._load_tensor(f"{name}: loaded state[{key!r}]", key, acc, p.device, dtype).reshape(keepdim)}

@@ -8,11 +8,10 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 
 from sm3fn import _checks, _tree
-from sm3fn.base import GradientTransformation, OptState, Tree
+from sm3fn.base import COUNT, GradientTransformation, OptState, Tree
 
 __all__ = ["parameter_averaging", "averaged_params"]
 
-COUNT = "count"
 AVERAGE = "averaged_params"
 
 

@@ -1,4 +1,4 @@
-"""Momentum: ``ema`` (the seed's, on the preconditioned gradient) and ``trace`` (heavy ball)."""
+"""Momentum: ``ema`` (torch-SM3's, on the preconditioned gradient) and ``trace`` (heavy ball)."""
 
 from __future__ import annotations
 
@@ -91,7 +91,7 @@ def ema(
     """Exponential moving average of the updates: the momentum of torch-SM3 and the authors' code.
 
     ``m <- decay * m + (1 - decay) * u``, and ``m`` is the update.  ``m``
-    starts at zero, with no bias correction (as in the seed).
+    starts at zero, with no bias correction (as in torch-SM3).
 
     Args:
       decay: in ``[0, 1)``; may be a tensor.

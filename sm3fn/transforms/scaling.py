@@ -8,11 +8,10 @@ import torch
 from tensordict import TensorDict
 
 from sm3fn import _checks, _tree
-from sm3fn.base import GradientTransformation, OptState, ScalarOrSchedule, Schedule, Tree, empty_state
+from sm3fn.base import COUNT, GradientTransformation, OptState, ScalarOrSchedule, Schedule, Tree, empty_state
 
 __all__ = ["scale", "scale_by_schedule", "scale_by_learning_rate"]
 
-COUNT = "count"
 
 
 def _scaled(updates: Tree, factor) -> Tree:

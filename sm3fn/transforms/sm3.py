@@ -11,11 +11,9 @@ from sm3fn._kernels import sharded as _sharded
 from sm3fn._kernels import sm3_step
 from sm3fn._kernels import sparse as _sparse
 from sm3fn._sm3_math import init_accumulators, param_shape
-from sm3fn.base import GradientTransformation, OptState, Tree
+from sm3fn.base import ACCUMULATOR_PREFIX, GradientTransformation, OptState, Tree
 
 __all__ = ["scale_by_sm3"]
-
-ACCUMULATOR = "accumulator_{}"
 
 
 def accumulators_by_param(state: OptState) -> dict[_tree.Path, list[torch.Tensor]]:
@@ -23,9 +21,9 @@ def accumulators_by_param(state: OptState) -> dict[_tree.Path, list[torch.Tensor
     found: dict[_tree.Path, dict[int, torch.Tensor]] = {}
     for key, value in _tree.td_leaves(state):
         name = key[-1]
-        if len(key) < 2 or not name.startswith("accumulator_"):
+        if len(key) < 2 or not name.startswith(ACCUMULATOR_PREFIX):
             raise ValueError(f"scale_by_sm3 state has an unexpected entry {_tree.fmt(key)}")
-        found.setdefault(key[:-1], {})[int(name[len("accumulator_"):])] = value
+        found.setdefault(key[:-1], {})[int(name[len(ACCUMULATOR_PREFIX):])] = value
     return {path: [accs[i] for i in range(len(accs))] for path, accs in found.items()}
 
 
@@ -33,7 +31,7 @@ def accumulator_state(per_param: dict[_tree.Path, list[torch.Tensor]]) -> OptSta
     """The inverse of :func:`accumulators_by_param`."""
     return _tree.state_tree(
         {
-            path + (ACCUMULATOR.format(i),): a
+            path + (f"{ACCUMULATOR_PREFIX}{i}",): a
             for path, accs in per_param.items()
             for i, a in enumerate(accs)
         }
@@ -152,7 +150,7 @@ def checked_inputs(
     for path, g in grads.items():
         if g is not None:
             _sharded.check_same_kind(
-                owner, path, grad=g, **{f"accumulator_{i}": a for i, a in enumerate(accs_by_path[path])},
+                owner, path, grad=g, **{f"{ACCUMULATOR_PREFIX}{i}": a for i, a in enumerate(accs_by_path[path])},
             )
             check_grad(path, g, accs_by_path[path])
     return grads, accs_by_path

@@ -1,15 +1,14 @@
 """Sparse gradients through sm3fn.optim.SM3, against the float64 row reference."""
 
-import io
-
 import numpy as np
 import pytest
 import torch
 
+from helpers import saved_and_loaded
 from reference import ReferenceSM3, random_gradient
 from sparse_reference import ReferenceRowSM3, dense_from_entries
 from sm3fn.optim import SM3
-from test_sparse import D, N, bits, make_batch
+from test_kernels_sparse import D, N, bits, make_batch
 
 
 class Model(torch.nn.Module):
@@ -114,10 +113,7 @@ def test_sparse_state_round_trips_and_loads_torch_sm3_layout():
     for _ in range(2):
         backward(model, rng)
         opt.step()
-    buffer = io.BytesIO()
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
-    buffer.seek(0)
-    saved = torch.load(buffer, weights_only=True)
+    saved = saved_and_loaded({"model": model.state_dict(), "opt": opt.state_dict()})
     twin = Model()
     twin.load_state_dict(saved["model"])
     twin_opt = SM3(twin.parameters(), lr=0.1, momentum=0.5)

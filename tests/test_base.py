@@ -1,14 +1,14 @@
 """Purity, containers, frozen parameters, saving state, the public surface."""
 
-import io
 
 import numpy as np
 import pytest
 import torch
+from helpers import leaves, saved_and_loaded
+from reference import random_gradient
 from tensordict import TensorDict
 
 import sm3fn
-from reference import random_gradient
 
 
 def _random_tree(gen, dtype=torch.float32):
@@ -23,10 +23,6 @@ def _map(fn, tree):
     return {k: _map(fn, v) if isinstance(v, dict) else fn(v) for k, v in tree.items()}
 
 
-def _leaves(tree):
-    return sm3fn._tree.flatten(tree, "tree")
-
-
 @pytest.mark.parametrize("momentum,beta", [(0.0, 0.0), (0.9, 0.5)])
 def test_update_is_pure(momentum, beta):
     gen = torch.Generator().manual_seed(0)
@@ -36,13 +32,13 @@ def test_update_is_pure(momentum, beta):
     # a step first, so the state holds non-zero values worth protecting
     state = tx.update(_map(lambda p: torch.randn(p.shape, generator=gen), params), state, params)[1]
     grads = _map(lambda p: torch.randn(p.shape, generator=gen), params)
-    before = ({k: v.clone() for k, v in _leaves(params).items()},
-              {k: v.clone() for k, v in _leaves(grads).items()},
+    before = ({k: v.clone() for k, v in leaves(params).items()},
+              {k: v.clone() for k, v in leaves(grads).items()},
               state.clone())
     updates, new_state = tx.update(grads, state, params)
-    for path, v in _leaves(params).items():
+    for path, v in leaves(params).items():
         assert torch.equal(v, before[0][path])
-    for path, v in _leaves(grads).items():
+    for path, v in leaves(grads).items():
         assert torch.equal(v, before[1][path])
     assert (state == before[2]).all()
     # and the new state is new memory: changing it does not reach the old one
@@ -86,7 +82,7 @@ def test_dict_and_tensordict_give_the_same_numbers():
     u_dict, s_dict = tx.update(grads, tx.init(params), params)
     td_params, td_grads = TensorDict(params, batch_size=[]), TensorDict(grads, batch_size=[])
     u_td, s_td = tx.update(td_grads, tx.init(td_params), td_params)
-    for path, u in _leaves(u_dict).items():
+    for path, u in leaves(u_dict).items():
         assert torch.equal(u, u_td.get(path))
     assert (s_dict == s_td).all()
 
@@ -129,10 +125,7 @@ def test_state_roundtrips_torch_save_weights_only(momentum):
     for grads in grads_seq[:3]:
         updates, state = tx.update(grads, state, params)
         params = sm3fn.apply_updates(params, updates)
-    buf = io.BytesIO()
-    torch.save({"params": params, "state": state}, buf)
-    buf.seek(0)
-    loaded = torch.load(buf, weights_only=True)
+    loaded = saved_and_loaded({"params": params, "state": state})
     p2, s2 = loaded["params"], loaded["state"]
     assert isinstance(s2, TensorDict)
     for grads in grads_seq[3:]:
@@ -158,7 +151,7 @@ def test_public_names():
     assert init is tx.init and update is tx.update
 
 
-def test_defaults_follow_the_seed():
+def test_defaults_follow_torch_sm3():
     import inspect
 
     sig = inspect.signature(sm3fn.sm3)

@@ -122,7 +122,7 @@ def test_copies_and_is_a_gradient_transformation():
     assert torch.equal(u["w"], torch.ones(2)) and bool(again.has_updated(state))
 
 
-# compile (fullgraph) and vmap: tests/test_optax_transforms.py, with the other new transforms
+# compile (fullgraph) and vmap: tests/test_transforms.py, with the other transforms
 
 
 def test_as_a_torch_optimizer():

@@ -1,14 +1,14 @@
 """parameter_averaging / averaged_params against NumPy averages of the recorded iterates."""
 
-import io
 
 import numpy as np
 import pytest
 import torch
+from helpers import saved_and_loaded
+from reference import random_gradient
 from tensordict import TensorDict
 
 import sm3fn
-from reference import random_gradient
 
 SHAPES = {"w": (5, 3), "b": (3,)}
 
@@ -97,10 +97,7 @@ def test_containers_dtypes_and_keys_left_out_of_init():
 def test_state_saves_and_loads_weights_only():
     tx = sm3fn.chain(sm3fn.sm3(0.1), sm3fn.parameter_averaging(decay=0.9))
     state, params, _ = _run(tx, 3, np.random.default_rng(1))
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    buf.seek(0)
-    loaded = torch.load(buf, weights_only=True)
+    loaded = saved_and_loaded(state)
     for k in SHAPES:
         torch.testing.assert_close(
             sm3fn.averaged_params(loaded, like=params)[k], sm3fn.averaged_params(state, like=params)[k]

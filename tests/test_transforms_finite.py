@@ -4,29 +4,9 @@ import math
 
 import pytest
 import torch
-from tensordict import TensorDictBase
+from helpers import assert_trees_bit_equal, bit_equal
 
 import sm3fn
-
-
-def _leaves(tree):
-    if isinstance(tree, TensorDictBase):
-        return dict(tree.items(include_nested=True, leaves_only=True))
-    return dict(tree)
-
-
-def bit_equal(a, b):
-    """Same dtype, shape and bits (NaN == NaN, 0.0 != -0.0)."""
-    if a.dtype != b.dtype or a.shape != b.shape:
-        return False
-    return torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
-
-
-def assert_tree_bit_equal(x, y):
-    lx, ly = _leaves(x), _leaves(y)
-    assert lx.keys() == ly.keys()
-    for k in lx:
-        assert bit_equal(lx[k], ly[k]), k
 
 
 def _problem(seed, dtype=torch.float32):
@@ -57,7 +37,7 @@ def test_nonfinite_step_is_dropped_bit_for_bit(bad, key):
     updates, after = tx.update(g, state, params)
     for u in updates.values():
         assert torch.count_nonzero(u) == 0
-    assert_tree_bit_equal(after["inner"], before["inner"])
+    assert_trees_bit_equal(after["inner"], before["inner"])
     assert int(after["skipped"]) == 1 and not bool(after["last_finite"])
     assert int(after["consecutive_nonfinite"]) == 1
 
@@ -79,8 +59,8 @@ def test_skipping_equals_never_seeing_the_bad_steps():
             cp = sm3fn.apply_updates(cp, u)
         u, s = tx.update(g, s, p)
         p = sm3fn.apply_updates(p, u)
-    assert_tree_bit_equal(p, cp)
-    assert_tree_bit_equal(s["inner"], cs)
+    assert_trees_bit_equal(p, cp)
+    assert_trees_bit_equal(s["inner"], cs)
     assert int(s["skipped"]) == len(bad_steps)
     assert bool(s["last_finite"]) and int(s["consecutive_nonfinite"]) == 0
 
@@ -121,7 +101,7 @@ def test_frozen_parameters_stay_none():
     g["w"][0, 0] = math.nan
     updates, new_state = tx.update(g, state, params)
     assert updates["b"] is None and int(new_state["skipped"]) == 1
-    assert_tree_bit_equal(new_state["inner"], state["inner"])
+    assert_trees_bit_equal(new_state["inner"], state["inner"])
 
 
 def test_vmap_each_task_skips_on_its_own():
@@ -165,16 +145,22 @@ def test_compiled_fullgraph_step_skips():
         torch.testing.assert_close(cp[k], p[k], rtol=1e-6, atol=1e-7)
 
 
+def _plain_first_step_with(seed, index, value):
+    """Plain ``sm3(0.1)``'s first step on ``_problem(seed)`` with ``w[index] = value`` in the gradient;
+    returns ``(tx, params, grads, updates, state)``."""
+    params, grads = _problem(seed)
+    tx = sm3fn.sm3(0.1)
+    g = {k: v.clone() for k, v in grads[0].items()}
+    g["w"][index] = value
+    updates, state = tx.update(g, tx.init(params), params)
+    return tx, params, grads, updates, state
+
+
 def test_without_skipping_nan_poisons_its_row_and_column():
     """Documented behaviour of plain sm3: a NaN gradient entry makes that
     parameter entry NaN and, through the covers, the accumulators of its row
     and column; the next step spreads NaN along that row and column only."""
-    params, grads = _problem(7)
-    tx = sm3fn.sm3(0.1)
-    state = tx.init(params)
-    g = {k: v.clone() for k, v in grads[0].items()}
-    g["w"][2, 1] = math.nan
-    updates, state = tx.update(g, state, params)
+    tx, params, grads, updates, state = _plain_first_step_with(7, (2, 1), math.nan)
     params = sm3fn.apply_updates(params, updates)
     nan = torch.isnan(params["w"])
     assert nan.sum() == 1 and nan[2, 1]
@@ -190,12 +176,7 @@ def test_without_skipping_nan_poisons_its_row_and_column():
 
 def test_without_skipping_inf_makes_a_nan_entry_but_finite_statistics():
     """inf * inf = inf, inf / sqrt(inf) = NaN: that entry is lost; the accumulators saturate (finite)."""
-    params, grads = _problem(8)
-    tx = sm3fn.sm3(0.1)
-    state = tx.init(params)
-    g = {k: v.clone() for k, v in grads[0].items()}
-    g["w"][0, 3] = math.inf
-    updates, state = tx.update(g, state, params)
+    _, _, _, updates, state = _plain_first_step_with(8, (0, 3), math.inf)
     assert torch.isnan(updates["w"]).sum() == 1 and torch.isnan(updates["w"][0, 3])
     assert all(torch.isfinite(a).all() for a in state.values(include_nested=True, leaves_only=True))
 

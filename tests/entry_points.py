@@ -1,4 +1,4 @@
-"""The four public ways to take SM3 steps, run on one table of inputs (tests/test_dispatch.py).
+"""The four public ways to take SM3 steps, run on one table of inputs (tests/test_kernels_dispatch.py).
 
 Each runner takes the initial parameters (a dict of tensors, plain or
 DTensor), a list of gradient dicts (one per step; dense, sparse COO or

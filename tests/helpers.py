@@ -1,6 +1,7 @@
 """Helpers shared by the test files: trees' leaves, bitwise comparison, a checkpoint round trip,
 the pure training loop (``tx.update`` + ``apply_updates``) the other paths are compared with, and
-parameter groups with a float64 reference per parameter."""
+parameter groups with a float64 reference per parameter, and the inputs the fused kernels' tests
+share."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from reference import ReferenceSM3
 
 import sm3fn
 from sm3fn import _tree
+from sm3fn._sm3_math import init_accumulators
 from sm3fn.base import GradientTransformation, OptState, Tree
 
 
@@ -78,3 +80,35 @@ def param_groups_with_references(
         groups.append({"params": group, **spec})
         params += group
     return groups, params, refs
+
+
+def kernel_state(p: torch.Tensor, momentum: float) -> tuple[list[torch.Tensor], Optional[torch.Tensor]]:
+    """Fresh accumulators (and a momentum buffer when ``momentum``) for ``p``, in the statistics
+    dtype the fused kernels take: the parameter's for float32/float64, float32 otherwise."""
+    stats = p.dtype if p.dtype in (torch.float32, torch.float64) else torch.float32
+    accs = list(init_accumulators(p, stats))
+    return accs, (torch.zeros_like(p, dtype=stats) if momentum else None)
+
+
+def exact_in(x: np.ndarray, dtype: torch.dtype) -> np.ndarray:
+    """``x`` clipped into ``dtype``'s finite range and rounded to it: what a kernel is given."""
+    high = torch.finfo(dtype).max / 4
+    return torch.tensor(np.clip(x, -high, high)).to(dtype).double().numpy()
+
+
+def assert_kernel_matches_reference(p: torch.Tensor, accs: list[torch.Tensor], m: Optional[torch.Tensor],
+                                    ref: ReferenceSM3, steps: int) -> None:
+    """A kernel's parameter, accumulators and momentum after ``steps`` steps, against the float64
+    reference: float32/float64 to their rounding; bfloat16/float16 parameters (float32 statistics)
+    to one rounding of their own dtype per step."""
+    dtype = p.dtype
+    rtol, atol = (1e-10, 1e-12) if dtype == torch.float64 else (2e-5, 1e-6)
+    if dtype in (torch.float32, torch.float64):
+        np.testing.assert_allclose(p.double().numpy(), ref.p, rtol=rtol, atol=atol)
+    else:  # one rounding to the parameter dtype per step
+        bound = steps * torch.finfo(dtype).eps * max(1.0, np.abs(ref.p).max())
+        np.testing.assert_allclose(p.double().numpy(), ref.p, rtol=0, atol=bound)
+    for a, want in zip(accs, ref.acc):
+        np.testing.assert_allclose(a.double().numpy().reshape(-1), want.reshape(-1), rtol=rtol, atol=0)
+    if m is not None:
+        np.testing.assert_allclose(m.double().numpy(), ref.m, rtol=rtol * 10, atol=atol)

@@ -69,7 +69,7 @@ def test_fast_path_matches_functional(dtype, tol, momentum, beta, block_elements
 
 
 def _inplace_run(tx, params, grads_seq, **kw):
-    kw.setdefault("fused", False)  # the blocked path; tests/test_fused.py runs the fused kernel
+    kw.setdefault("fused", False)  # the blocked path; tests/test_kernels_fused_cpu.py runs the fused kernel
     params = {k: v.clone() for k, v in params.items()}
     state = tx.init(params)
     for grads in grads_seq:

@@ -14,8 +14,9 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
+from helpers import exact_in as _exact
+from helpers import kernel_state as _state
 from reference import ReferenceSM3, random_gradient
-from test_fused import _exact, _state
 
 from sm3fn._kernels import fused_cpu as _fused
 from sm3fn._kernels import layout, sm3_step_

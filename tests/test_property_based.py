@@ -9,6 +9,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from helpers import bit_equal
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tensordict import TensorDictBase
@@ -39,6 +40,7 @@ def gradient(rng, shape, exponent, dtype):
 
 
 def leaves(tree):
+    """``{TensorDict key: leaf}`` (a plain name for a flat tree, as ``optimizer.state`` spells it)."""
     if isinstance(tree, TensorDictBase):
         return dict(tree.items(include_nested=True, leaves_only=True))
     return dict(tree)
@@ -104,11 +106,6 @@ def test_accumulators_never_decrease_for_beta_zero(shape, dtype, exps, seed):
         for k, v in leaves(state).items():
             assert torch.all(v >= before[k]), k
             assert torch.isfinite(v).all(), k
-
-
-def bit_equal(a, b):
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
-        a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
 
 
 hyper = st.fixed_dictionaries({

@@ -15,6 +15,9 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from helpers import assert_kernel_matches_reference
+from helpers import exact_in as _exact
+from helpers import kernel_state as _state
 from reference import ReferenceSM3, random_gradient
 
 import sm3fn
@@ -24,18 +27,6 @@ from sm3fn._sm3_math import init_accumulators
 from sm3fn.optim import SM3
 
 SHAPES = [(), (1,), (7,), (40,), (3, 37), (17, 16), (1, 5), (5, 1), (2, 3, 19), (2, 1, 3, 5)]
-
-
-def _state(p, momentum):
-    stats = p.dtype if p.dtype in (torch.float32, torch.float64) else torch.float32
-    accs = list(init_accumulators(p, stats))
-    return accs, (torch.zeros_like(p, dtype=stats) if momentum else None)
-
-
-def _exact(x: np.ndarray, dtype: torch.dtype) -> np.ndarray:
-    """``x`` clipped into ``dtype``'s finite range and rounded to it: what the kernel is given."""
-    high = torch.finfo(dtype).max / 4
-    return torch.tensor(np.clip(x, -high, high)).to(dtype).double().numpy()
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
@@ -59,16 +50,7 @@ def test_fused_matches_float64_reference(shape, momentum, beta, dtype):
         ref.step(g)
         sm3_step_([p], [torch.tensor(g).to(dtype)], [accs], [m], lr=0.07, momentum=momentum,
                    beta=beta, eps=1e-30, fused=True)
-    rtol, atol = (1e-10, 1e-12) if dtype == torch.float64 else (2e-5, 1e-6)
-    if dtype in (torch.float32, torch.float64):
-        np.testing.assert_allclose(p.double().numpy(), ref.p, rtol=rtol, atol=atol)
-    else:  # one rounding to the parameter dtype per step
-        bound = steps * torch.finfo(dtype).eps * max(1.0, np.abs(ref.p).max())
-        np.testing.assert_allclose(p.double().numpy(), ref.p, rtol=0, atol=bound)
-    for a, want in zip(accs, ref.acc):
-        np.testing.assert_allclose(a.double().numpy().reshape(-1), want.reshape(-1), rtol=rtol, atol=0)
-    if momentum:
-        np.testing.assert_allclose(m.double().numpy(), ref.m, rtol=rtol * 10, atol=atol)
+    assert_kernel_matches_reference(p, accs, m, ref, steps)
 
 
 def _run(fused, shapes, momentum, beta, dtype=torch.float32, steps=3, seed=0):

@@ -21,8 +21,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 pytest.importorskip("triton", reason="the Triton backend's tests need triton (pip install triton)")
 
+from helpers import assert_kernel_matches_reference
+from helpers import exact_in as _exact  # noqa: E402  (the same inputs as the CPU kernel's tests)
+from helpers import kernel_state as _state
 from reference import ReferenceSM3, random_gradient  # noqa: E402
-from test_fused import _exact, _state  # noqa: E402  (the same inputs as the CPU kernel's tests)
 
 import sm3fn  # noqa: E402
 from sm3fn._kernels import fused_cpu, triton_gpu  # noqa: E402
@@ -49,7 +51,7 @@ HYPER = dict(momentum=0.0, beta=0.0, eps=1e-30)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
 def test_triton_matches_float64_reference(shape, momentum, beta, dtype):
     """Four steps of random gradients (zero rows and columns included) against the reference;
-    bfloat16/float16 parameters keep float32 statistics (as in test_fused.py)."""
+    bfloat16/float16 parameters keep float32 statistics (as in test_kernels_fused_cpu.py)."""
     steps = 4
     rng = np.random.default_rng(abs(hash((shape, momentum, beta, 1))) % 2**32)
     p0 = _exact(rng.standard_normal(shape), dtype)
@@ -62,16 +64,7 @@ def test_triton_matches_float64_reference(shape, momentum, beta, dtype):
         ref.step(g)
         triton_gpu.sweep_(p, torch.tensor(g).to(dtype), accs, m, lr=0.07, momentum=momentum,
                           beta=beta, eps=1e-30)
-    rtol, atol = (1e-10, 1e-12) if dtype == torch.float64 else (2e-5, 1e-6)
-    if dtype in (torch.float32, torch.float64):
-        np.testing.assert_allclose(p.double().numpy(), ref.p, rtol=rtol, atol=atol)
-    else:  # one rounding to the parameter dtype per step
-        bound = steps * torch.finfo(dtype).eps * max(1.0, np.abs(ref.p).max())
-        np.testing.assert_allclose(p.double().numpy(), ref.p, rtol=0, atol=bound)
-    for a, want in zip(accs, ref.acc):
-        np.testing.assert_allclose(a.double().numpy().reshape(-1), want.reshape(-1), rtol=rtol, atol=0)
-    if momentum:
-        np.testing.assert_allclose(m.double().numpy(), ref.m, rtol=rtol * 10, atol=atol)
+    assert_kernel_matches_reference(p, accs, m, ref, steps)
 
 
 def _many(shapes, dtype, momentum, seed=0):
@@ -382,7 +375,7 @@ def test_optimizer_steps_through_the_triton_kernel(gpu_route, momentum):
     """sm3fn.optim.SM3 (fused=None) sends the tensors the GPU kernel covers to it, in one launch
     per configuration, and lands where the blocked path (fused=False) does: accumulators bit for
     bit (nu has no square root in it), the rest to a few ulps (ATen's float32 sqrt is an ulp off
-    IEEE's now and then, as test_fused.py notes)."""
+    IEEE's now and then, as test_kernels_fused_cpu.py notes)."""
     ours, blocked = _model_params(), _model_params()
     opt = SM3(ours, lr=0.1, momentum=momentum)
     ref = SM3(blocked, lr=0.1, momentum=momentum, fused=False)

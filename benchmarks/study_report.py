@@ -1,0 +1,267 @@
+"""Tables and plots from the runs ``benchmarks/optimizer_study.py`` wrote under ``OUT/runs/``.
+
+    python benchmarks/study_report.py OUT [lm,digits]
+
+Writes ``OUT/study_table.md``, ``OUT/summary.json`` and ``OUT/study_<task>.png``,
+``OUT/study_lr_<task>.png``, ``OUT/study_momentum.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import sys
+
+OPTIMIZERS = ["SM3", "SM3 m=0.9", "Adam", "Adafactor", "Adagrad"]
+TITLES = {"lm": "byte-level LM on the Python stdlib", "digits": "CNN on scikit-learn digits"}
+
+
+def load_runs(out: str) -> list[dict]:
+    runs = []
+    root = os.path.join(out, "runs")
+    for task in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+        for f in sorted(os.listdir(os.path.join(root, task))):
+            if f.endswith(".json"):
+                with open(os.path.join(root, task, f)) as fh:
+                    runs.append(json.load(fh))
+    return runs
+
+
+def is_default(r: dict) -> bool:
+    """A grid/seed run: the optimizer's own momentum and the standard 5% warm-up."""
+    return r["momentum"] is None and r["warmup_fraction"] == 0.05
+
+
+def label(r: dict) -> str:
+    s = r["opt"] if r["momentum"] is None else f"SM3 m={r['momentum']:g}"
+    if r["warmup_fraction"] != 0.05:
+        s += f", warm-up {r['warmup_fraction']:.0%}"
+    return s
+
+
+def fmt_lr(lr: float) -> str:
+    return f"{lr:.3g}"
+
+
+def spread(values: list[float]) -> dict:
+    finite = [v for v in values if math.isfinite(v)]
+    return {
+        "n": len(values),
+        "mean": statistics.fmean(values) if len(finite) == len(values) else float("inf"),
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+        "std": statistics.stdev(finite) if len(finite) > 1 else 0.0,
+    }
+
+
+def summarize(runs: list[dict], tasks: list[str]) -> dict:
+    summary = {}
+    for task in tasks:
+        per_opt = {}
+        for opt in OPTIMIZERS:
+            grid = sorted(
+                (r for r in runs if r["task"] == task and r["opt"] == opt and r["seed"] == 0 and r["phase"] == "grid"),
+                key=lambda r: r["lr"],
+            )
+            if not grid:
+                continue
+            best = min(grid, key=lambda r: r["result"]["final_loss"])
+            at_best = [
+                r for r in runs if r["task"] == task and r["opt"] == opt and r["lr"] == best["lr"] and is_default(r)
+            ]
+            at_best.sort(key=lambda r: r["seed"])
+            res = [r["result"] for r in at_best]
+            edge = "low" if best is grid[0] else "high" if best is grid[-1] else ""
+            per_opt[opt] = {
+                "grid": [(r["lr"], r["result"]["final_loss"]) for r in grid],
+                "best_lr": best["lr"],
+                "edge": edge,
+                "seeds": [r["seed"] for r in at_best],
+                "final_loss": spread([x["final_loss"] for x in res]),
+                "final_accuracy": spread([x["final_accuracy"] for x in res]) if res[0]["final_accuracy"] is not None else None,
+                "state_bytes": res[0]["state_bytes"],
+                "param_bytes": res[0]["param_bytes"],
+                "n_params": res[0]["n_params"],
+                "steps": res[0]["steps"],
+                "step_ms_wall": statistics.median(x["step_ms_wall"] for x in res),
+                "step_ms_cpu": statistics.median(x["step_ms_cpu"] for x in res),
+                "train_wall_s": statistics.median(x["train_wall_s"] for x in res),
+            }
+        summary[task] = per_opt
+    return summary
+
+
+def curves(runs: list[dict], task: str, opt: str, lr: float):
+    """Held-out loss per eval point over the seeds at (opt, lr): steps, wall, mean, lo, hi."""
+    rs = [r for r in runs if r["task"] == task and r["opt"] == opt and r["lr"] == lr and is_default(r)]
+    n = min(len(r["result"]["evals"]) for r in rs)
+    steps = [rs[0]["result"]["evals"][i]["step"] for i in range(n)]
+    wall = [statistics.fmean(r["result"]["evals"][i]["wall"] for r in rs) for i in range(n)]
+    vals = [[r["result"]["evals"][i]["loss"] for r in rs] for i in range(n)]
+    return steps, wall, [statistics.fmean(v) for v in vals], [min(v) for v in vals], [max(v) for v in vals], len(rs)
+
+
+def mean_update_rms(r: dict) -> float:
+    """Median over the measured steps (after warm-up) of RMS(param change) / lr."""
+    steps = r["result"]["steps"]
+    vals = [u["rms_per_lr"] for u in r["result"]["update_rms"] if u["step"] > r["warmup_fraction"] * steps]
+    return statistics.median(vals) if vals else float("nan")
+
+
+def plot(out: str, runs: list[dict], summary: dict, tasks: list[str]) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    colors = {o: f"C{i}" for i, o in enumerate(OPTIMIZERS)}
+    for task in tasks:
+        s = summary[task]
+        fig, axes = plt.subplots(1, 3, figsize=(15, 4.3))
+        for opt, d in s.items():
+            steps, wall, mean, lo, hi, n = curves(runs, task, opt, d["best_lr"])
+            lab = f"{opt} lr={fmt_lr(d['best_lr'])} ({n} seeds)"
+            axes[0].plot(steps, mean, "o-", ms=2.5, color=colors[opt], label=lab)
+            axes[0].fill_between(steps, lo, hi, color=colors[opt], alpha=0.2)
+            axes[1].plot(wall, mean, "o-", ms=2.5, color=colors[opt], label=lab)
+            axes[1].fill_between(wall, lo, hi, color=colors[opt], alpha=0.2)
+        finals = [d["final_loss"]["min"] for d in s.values() if math.isfinite(d["final_loss"]["min"])]
+        top = max(d["final_loss"]["max"] for d in s.values() if math.isfinite(d["final_loss"]["max"]))
+        for ax in axes[:2]:
+            ax.set_ylim(min(finals) - 0.05 * (top - min(finals) + 0.1), top + 3 * (top - min(finals) + 0.02))
+            ax.set_ylabel("held-out cross-entropy (nats" + ("/byte)" if task == "lm" else ")"))
+            ax.grid(alpha=0.3)
+        axes[0].set_xlabel("step")
+        axes[1].set_xlabel("training wall-clock (s, mean over seeds; niced, shared 2-core CPU)")
+        axes[0].legend(fontsize=7)
+        axes[0].set_title(f"{TITLES[task]}: held-out loss, best lr each (band: min-max over seeds)", fontsize=9)
+        axes[1].set_title("the same against wall-clock", fontsize=9)
+        # bytes of optimizer state
+        names = list(s)
+        kib = [s[n]["state_bytes"] / 1024 for n in names]
+        bars = axes[2].barh(names, kib, color=[colors[n] for n in names])
+        for bar, v in zip(bars, kib):
+            axes[2].text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {v:,.1f} KiB", va="center", fontsize=8)
+        axes[2].set_xscale("log")
+        axes[2].set_xlim(right=max(kib) * 10)
+        p0 = next(iter(s.values()))
+        axes[2].set_xlabel("optimizer state (KiB, float32, log scale)")
+        axes[2].set_title(f"state for {p0['n_params']:,} params ({p0['param_bytes'] / 1024:,.0f} KiB of weights)", fontsize=9)
+        axes[2].invert_yaxis()
+        fig.tight_layout()
+        path = os.path.join(out, f"study_{task}.png")
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(path)
+
+        # learning-rate sensitivity
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        for opt, d in s.items():
+            lrs, losses = zip(*d["grid"])
+            losses = [v if math.isfinite(v) else float("nan") for v in losses]
+            ax.plot(lrs, losses, "o-", color=colors[opt], label=opt)
+            f = d["final_loss"]
+            ax.errorbar([d["best_lr"]], [f["mean"]], yerr=[[f["mean"] - f["min"]], [f["max"] - f["mean"]]],
+                        fmt="s", color=colors[opt], ms=6, capsize=3, mfc="none")
+        ax.set_xscale("log")
+        ax.set_ylim(min(finals) - 0.02 * (top - min(finals) + 0.1), top + 4 * (top - min(finals) + 0.05))
+        ax.set_xlabel("peak learning rate")
+        ax.set_ylabel("final held-out loss (seed 0; square: mean and min-max of 3 seeds)")
+        ax.set_title(f"{TITLES[task]}: learning-rate grids", fontsize=9)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = os.path.join(out, f"study_lr_{task}.png")
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(path)
+
+    # momentum: the step size per unit lr, SM3 without and with momentum, at the same lrs
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6.5 * len(tasks), 4), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for opt in ("SM3", "SM3 m=0.9"):
+            rs = sorted((r for r in runs if r["task"] == task and r["opt"] == opt and r["seed"] == 0
+                         and r["phase"] == "grid"), key=lambda r: r["lr"])
+            ax.plot([r["lr"] for r in rs], [mean_update_rms(r) for r in rs], "o-", color=colors[opt], label=opt)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("peak learning rate")
+        ax.set_ylabel("RMS(parameter change) / lr  (median after warm-up)")
+        ax.set_title(f"{TITLES[task]}: step size per unit lr", fontsize=9)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = os.path.join(out, "study_momentum.png")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    paths.append(path)
+    return paths
+
+
+def table(runs: list[dict], summary: dict, tasks: list[str]) -> str:
+    lines = []
+    for task in tasks:
+        s = summary[task]
+        acc = any(d["final_accuracy"] for d in s.values())
+        p0 = next(iter(s.values()))
+        lines.append(f"### {TITLES[task]} ({p0['n_params']:,} parameters, {p0['steps']} steps)\n")
+        head = "| optimizer | best lr (grid) | held-out loss, mean ± std [min, max] | "
+        head += "held-out accuracy, mean [min, max] | " if acc else ""
+        head += "optimizer state | step time, wall (cpu) |"
+        lines.append(head)
+        lines.append("|" + "---|" * (head.count("|") - 1))
+        for opt, d in s.items():
+            f = d["final_loss"]
+            lrs = ", ".join(("**" + fmt_lr(lr) + "**") if lr == d["best_lr"] else fmt_lr(lr) for lr, _ in d["grid"])
+            edge = f" (at the {d['edge']} edge)" if d["edge"] else ""
+            row = f"| {opt} | {lrs}{edge} | {f['mean']:.4f} ± {f['std']:.4f} [{f['min']:.4f}, {f['max']:.4f}] ({f['n']} seeds) | "
+            if acc:
+                a = d["final_accuracy"]
+                row += f"{a['mean']:.2%} [{a['min']:.2%}, {a['max']:.2%}] | "
+            row += f"{d['state_bytes'] / 1024:,.1f} KiB | {d['step_ms_wall']:.1f} ms ({d['step_ms_cpu']:.1f} ms) |"
+            lines.append(row)
+        lines.append("")
+        lines.append("Grid (seed 0), final held-out loss per peak lr:\n")
+        lines.append("| optimizer | " + " | ".join("lr / loss" for _ in range(1)) + " |")
+        lines.append("|---|---|")
+        for opt, d in s.items():
+            cells = ", ".join(f"{fmt_lr(lr)}: {loss:.4f}" if math.isfinite(loss) else f"{fmt_lr(lr)}: diverged"
+                              for lr, loss in d["grid"])
+            lines.append(f"| {opt} | {cells} |")
+        lines.append("")
+        # momentum study
+        extra = [r for r in runs if r["task"] == task and r["phase"] == "momentum"]
+        if extra:
+            lines.append("Momentum study (seed 0; the default-warm-up rows are from the grid):\n")
+            lines.append("| run | peak lr | held-out loss | RMS(step)/lr after warm-up |")
+            lines.append("|---|---|---|---|")
+            base = [r for r in runs if r["task"] == task and r["seed"] == 0 and r["phase"] == "grid"
+                    and r["opt"] in ("SM3", "SM3 m=0.9")
+                    and r["lr"] in {s["SM3"]["best_lr"], s["SM3 m=0.9"]["best_lr"]}]
+            for r in sorted(base + extra, key=lambda r: (label(r), r["lr"])):
+                lines.append(f"| {label(r)} | {fmt_lr(r['lr'])} | {r['result']['final_loss']:.4f} | "
+                             f"{mean_update_rms(r):.3g} |")
+            lines.append("")
+    return "\n".join(lines)
+
+
+def report(out: str, tasks: list[str]) -> None:
+    runs = load_runs(out)
+    tasks = [t for t in tasks if any(r["task"] == t for r in runs)]
+    summary = summarize(runs, tasks)
+    with open(os.path.join(out, "summary.json"), "w") as fh:
+        json.dump(summary, fh, indent=1)
+    md = table(runs, summary, tasks)
+    with open(os.path.join(out, "study_table.md"), "w") as fh:
+        fh.write(md + "\n")
+    print(md)
+    for p in plot(out, runs, summary, tasks):
+        print("wrote", p)
+
+
+if __name__ == "__main__":
+    report(sys.argv[1], (sys.argv[2] if len(sys.argv) > 2 else "lm,digits").split(","))

@@ -84,8 +84,8 @@ class TaskConfig:
 
 
 FULL = {
-    "lm": TaskConfig(steps=1500, batch=32, evals=15, context=128, dim=96, layers=2, heads=4, eval_batches=12),
-    "digits": TaskConfig(steps=2000, batch=32, evals=20, channels=(16, 32), hidden=64),
+    "lm": TaskConfig(steps=800, batch=32, evals=8, context=64, dim=64, layers=2, heads=4, eval_batches=16),
+    "digits": TaskConfig(steps=1000, batch=32, evals=10, channels=(16, 32), hidden=64),
 }
 QUICK = {
     "lm": TaskConfig(steps=6, batch=4, evals=2, context=16, dim=16, layers=1, heads=2, eval_batches=1),
@@ -363,9 +363,25 @@ def run_path(out: str, run: Run) -> str:
     return os.path.join(out, "runs", run.key + ".json")
 
 
+_WARM = []
+
+
+def _warm_up() -> None:
+    """One SM3 step on a dummy parameter, once per process: the first step loads sm3fn's compiled
+    CPU kernel (about 1-2 s of wall-clock), which is not what the study's step times should hold."""
+    if not _WARM:
+        p = torch.nn.Parameter(torch.zeros(2, 2))
+        p.grad = torch.ones(2, 2)
+        SM3([p], lr=0.1, momentum=0.9).step()
+        _WARM.append(True)
+
+
 def _worker(args):
-    run_dict, cfg_dict, quick, out = args
+    run_dict, cfg_dict, quick, out, deadline = args
+    if deadline is not None and time.time() > deadline:
+        return Run(**run_dict).key, None, 0.0  # past the deadline: start no more runs
     torch.set_num_threads(1)
+    _warm_up()
     run = Run(**run_dict)
     cfg = TaskConfig(**cfg_dict)
     t0 = time.time()
@@ -389,11 +405,11 @@ def load(out: str, run: Run) -> Run | None:
 
 def execute(runs: list[Run], configs: dict, args) -> None:
     todo = [r for r in runs if load(args.out, r) is None]
-    # long runs first, so that two workers finish together
-    todo.sort(key=lambda r: (r.task != "lm",))
+    # the cheap task first: on a crowded machine it is done whatever happens to the long one
+    todo.sort(key=lambda r: (r.task == "lm",))
     if not todo:
         return
-    payload = [(asdict(r), asdict(configs[r.task]), args.quick, args.out) for r in todo]
+    payload = [(asdict(r), asdict(configs[r.task]), args.quick, args.out, args.deadline_ts) for r in todo]
     print(f"{len(todo)} runs to do", flush=True)
     if args.jobs <= 1:
         results = map(_worker, payload)
@@ -403,6 +419,9 @@ def execute(runs: list[Run], configs: dict, args) -> None:
         pool = mp.get_context("fork").Pool(args.jobs, maxtasksperchild=None)
         results = pool.imap_unordered(_worker, payload)
     for key, loss, secs in results:
+        if loss is None:
+            print(f"  skipped {key}: past the deadline", flush=True)
+            continue
         print(f"  {time.strftime('%H:%M:%S')}  {key:45s} held-out {loss:.4f}  ({secs:.0f} s)", flush=True)
     if args.jobs > 1:
         pool.close()
@@ -437,8 +456,19 @@ def main(argv=None) -> None:
     parser.add_argument("--seeds", type=int, default=3, help="seeds at each optimizer's best lr (incl. seed 0)")
     parser.add_argument("--max-extend", type=int, default=2, help="grid values added beyond an edge, at most")
     parser.add_argument("--no-momentum-study", action="store_true")
+    parser.add_argument("--refine", action="store_true",
+                        help="afterwards, seed 0 at 10**(+-1/4) times each best lr (a grid twice as fine there)")
     parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--deadline", default=None,
+                        help="HH:MM (UTC, today): start no run after it; the report covers what finished")
     args = parser.parse_args(argv)
+    args.deadline_ts = None
+    if args.deadline:
+        import datetime as dt
+
+        hh, mm = map(int, args.deadline.split(":"))
+        now = dt.datetime.now(dt.timezone.utc)
+        args.deadline_ts = now.replace(hour=hh, minute=mm, second=0, microsecond=0).timestamp()
     tasks = args.tasks.split(",")
     configs = QUICK if args.quick else FULL
     grids = {k: (v[1:4] if args.quick else v) for k, v in GRIDS.items()}
@@ -456,6 +486,8 @@ def main(argv=None) -> None:
             for t in tasks:
                 for o in OPTIMIZERS:
                     rs = grid_results(args.out, t, o)
+                    if len(rs) < 2:
+                        continue
                     b = best_of(rs)
                     if b is rs[0]:
                         more.append(Run(t, o, float(f"{b.lr / GRID_STEP:.3g}")))
@@ -465,21 +497,27 @@ def main(argv=None) -> None:
                 break
             execute(more, configs, args)
         # 3. more seeds at each one's best
-        best = {(t, o): best_of(grid_results(args.out, t, o)) for t in tasks for o in OPTIMIZERS}
+        best = {(t, o): best_of(grid_results(args.out, t, o)) for t in tasks for o in OPTIMIZERS
+                if grid_results(args.out, t, o)}
         seeds = [Run(t, o, best[t, o].lr, seed=s, phase="seeds") for (t, o) in best for s in range(1, args.seeds)]
         execute(seeds, configs, args)
-        # 4. SM3 with momentum: a longer warm-up (20%) at its own best lr and at SM3's best lr,
-        #    and momentum 0.5 at its best lr
+        # 4. SM3 with momentum: a longer warm-up (20%) at its best lr (and SM3 without momentum
+        #    with the same), and momentum 0.5 at the best lr of SM3 without momentum
         if not args.no_momentum_study:
             extra = []
             for t in tasks:
+                if (t, "SM3") not in best or (t, "SM3 m=0.9") not in best:
+                    continue
                 lr_m, lr_0 = best[t, "SM3 m=0.9"].lr, best[t, "SM3"].lr
                 extra += [Run(t, "SM3 m=0.9", lr_m, warmup_fraction=0.2, phase="momentum")]
-                if lr_0 != lr_m:
-                    extra += [Run(t, "SM3 m=0.9", lr_0, warmup_fraction=0.2, phase="momentum")]
                 extra += [Run(t, "SM3", lr_0, warmup_fraction=0.2, phase="momentum")]
-                extra += [Run(t, "SM3", lr_m, momentum=0.5, phase="momentum")]
+                extra += [Run(t, "SM3", lr_0, momentum=0.5, phase="momentum")]
             execute(extra, configs, args)
+        # 5. optional: is the best between two grid values?  The same two extra values for everyone.
+        if args.refine:
+            fine = [Run(t, o, float(f"{best[t, o].lr * f:.3g}"), phase="refine")
+                    for (t, o) in best for f in (10 ** -0.25, 10 ** 0.25)]
+            execute(fine, configs, args)
         print(f"study runs took {time.time() - t_start:.0f} s wall", flush=True)
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

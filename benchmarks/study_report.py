@@ -75,8 +75,13 @@ def summarize(runs: list[dict], tasks: list[str]) -> dict:
             at_best.sort(key=lambda r: r["seed"])
             res = [r["result"] for r in at_best]
             edge = "low" if best is grid[0] else "high" if best is grid[-1] else ""
+            refine = sorted(
+                (r for r in runs if r["task"] == task and r["opt"] == opt and r["phase"] == "refine"),
+                key=lambda r: r["lr"],
+            )
             per_opt[opt] = {
                 "grid": [(r["lr"], r["result"]["final_loss"]) for r in grid],
+                "refine": [(r["lr"], r["result"]["final_loss"]) for r in refine],
                 "best_lr": best["lr"],
                 "edge": edge,
                 "seeds": [r["seed"] for r in at_best],
@@ -95,13 +100,14 @@ def summarize(runs: list[dict], tasks: list[str]) -> dict:
 
 
 def curves(runs: list[dict], task: str, opt: str, lr: float):
-    """Held-out loss per eval point over the seeds at (opt, lr): steps, wall, mean, lo, hi."""
+    """Held-out loss per eval point over the seeds at (opt, lr): steps, wall, cpu, mean, lo, hi, n."""
     rs = [r for r in runs if r["task"] == task and r["opt"] == opt and r["lr"] == lr and is_default(r)]
     n = min(len(r["result"]["evals"]) for r in rs)
     steps = [rs[0]["result"]["evals"][i]["step"] for i in range(n)]
     wall = [statistics.fmean(r["result"]["evals"][i]["wall"] for r in rs) for i in range(n)]
+    cpu = [statistics.fmean(r["result"]["evals"][i]["cpu"] for r in rs) for i in range(n)]
     vals = [[r["result"]["evals"][i]["loss"] for r in rs] for i in range(n)]
-    return steps, wall, [statistics.fmean(v) for v in vals], [min(v) for v in vals], [max(v) for v in vals], len(rs)
+    return steps, wall, cpu, [statistics.fmean(v) for v in vals], [min(v) for v in vals], [max(v) for v in vals], len(rs)
 
 
 def mean_update_rms(r: dict) -> float:
@@ -121,37 +127,42 @@ def plot(out: str, runs: list[dict], summary: dict, tasks: list[str]) -> list[st
     colors = {o: f"C{i}" for i, o in enumerate(OPTIMIZERS)}
     for task in tasks:
         s = summary[task]
-        fig, axes = plt.subplots(1, 3, figsize=(15, 4.3))
+        fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+        axes = axes.ravel()
         for opt, d in s.items():
-            steps, wall, mean, lo, hi, n = curves(runs, task, opt, d["best_lr"])
+            steps, wall, cpu, mean, lo, hi, n = curves(runs, task, opt, d["best_lr"])
             lab = f"{opt} lr={fmt_lr(d['best_lr'])} ({n} seeds)"
-            axes[0].plot(steps, mean, "o-", ms=2.5, color=colors[opt], label=lab)
-            axes[0].fill_between(steps, lo, hi, color=colors[opt], alpha=0.2)
-            axes[1].plot(wall, mean, "o-", ms=2.5, color=colors[opt], label=lab)
-            axes[1].fill_between(wall, lo, hi, color=colors[opt], alpha=0.2)
+            for ax, x in zip(axes[:3], (steps, wall, cpu)):
+                ax.plot(x, mean, "o-", ms=2.5, color=colors[opt], label=lab)
+                ax.fill_between(x, lo, hi, color=colors[opt], alpha=0.2)
         finals = [d["final_loss"]["min"] for d in s.values() if math.isfinite(d["final_loss"]["min"])]
         top = max(d["final_loss"]["max"] for d in s.values() if math.isfinite(d["final_loss"]["max"]))
-        for ax in axes[:2]:
-            ax.set_ylim(min(finals) - 0.05 * (top - min(finals) + 0.1), top + 3 * (top - min(finals) + 0.02))
+        span = top - min(finals)
+        for ax in axes[:3]:
+            ax.set_ylim(min(finals) - 0.1 * span - 0.01, top + 2.5 * span + 0.05)
             ax.set_ylabel("held-out cross-entropy (nats" + ("/byte)" if task == "lm" else ")"))
             ax.grid(alpha=0.3)
         axes[0].set_xlabel("step")
-        axes[1].set_xlabel("training wall-clock (s, mean over seeds; niced, shared 2-core CPU)")
+        axes[1].set_xlabel("training wall-clock, s (mean over seeds; niced beside other jobs on 2 cores)")
+        axes[2].set_xlabel("training CPU time of the 1-thread process, s (mean over seeds)")
         axes[0].legend(fontsize=7)
-        axes[0].set_title(f"{TITLES[task]}: held-out loss, best lr each (band: min-max over seeds)", fontsize=9)
-        axes[1].set_title("the same against wall-clock", fontsize=9)
+        axes[0].set_title(f"{TITLES[task]}: held-out loss at each one's best lr\n(line: mean, band: min-max over seeds)",
+                          fontsize=9)
+        axes[1].set_title("the same against wall-clock (contended: see the text)", fontsize=9)
+        axes[2].set_title("the same against CPU time (what an idle core would take)", fontsize=9)
         # bytes of optimizer state
         names = list(s)
         kib = [s[n]["state_bytes"] / 1024 for n in names]
-        bars = axes[2].barh(names, kib, color=[colors[n] for n in names])
+        bars = axes[3].barh(names, kib, color=[colors[n] for n in names])
         for bar, v in zip(bars, kib):
-            axes[2].text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {v:,.1f} KiB", va="center", fontsize=8)
-        axes[2].set_xscale("log")
-        axes[2].set_xlim(right=max(kib) * 10)
+            axes[3].text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {v:,.1f} KiB", va="center", fontsize=8)
+        axes[3].set_xscale("log")
+        axes[3].set_xlim(right=max(kib) * 10)
         p0 = next(iter(s.values()))
-        axes[2].set_xlabel("optimizer state (KiB, float32, log scale)")
-        axes[2].set_title(f"state for {p0['n_params']:,} params ({p0['param_bytes'] / 1024:,.0f} KiB of weights)", fontsize=9)
-        axes[2].invert_yaxis()
+        axes[3].set_xlabel("optimizer state (KiB, float32, log scale)")
+        axes[3].set_title(f"optimizer state for {p0['n_params']:,} params ({p0['param_bytes'] / 1024:,.0f} KiB of weights)",
+                          fontsize=9)
+        axes[3].invert_yaxis()
         fig.tight_layout()
         path = os.path.join(out, f"study_{task}.png")
         fig.savefig(path, dpi=100)
@@ -161,17 +172,21 @@ def plot(out: str, runs: list[dict], summary: dict, tasks: list[str]) -> list[st
         # learning-rate sensitivity
         fig, ax = plt.subplots(figsize=(7, 4.2))
         for opt, d in s.items():
-            lrs, losses = zip(*d["grid"])
+            lrs, losses = zip(*sorted(d["grid"] + d["refine"]))
             losses = [v if math.isfinite(v) else float("nan") for v in losses]
-            ax.plot(lrs, losses, "o-", color=colors[opt], label=opt)
+            ax.plot(lrs, losses, "-", color=colors[opt], label=opt)
+            ax.plot(*zip(*d["grid"]), "o", color=colors[opt])
+            if d["refine"]:
+                ax.plot(*zip(*d["refine"]), "^", color=colors[opt], ms=5)
             f = d["final_loss"]
             ax.errorbar([d["best_lr"]], [f["mean"]], yerr=[[f["mean"] - f["min"]], [f["max"] - f["mean"]]],
                         fmt="s", color=colors[opt], ms=6, capsize=3, mfc="none")
         ax.set_xscale("log")
         ax.set_ylim(min(finals) - 0.02 * (top - min(finals) + 0.1), top + 4 * (top - min(finals) + 0.05))
         ax.set_xlabel("peak learning rate")
-        ax.set_ylabel("final held-out loss (seed 0; square: mean and min-max of 3 seeds)")
-        ax.set_title(f"{TITLES[task]}: learning-rate grids", fontsize=9)
+        ax.set_ylabel("final held-out loss")
+        ax.set_title(f"{TITLES[task]}: lr grids (seed 0; triangles: the finer check)\n"
+                     "squares: mean and min-max over the seeds at the best", fontsize=9)
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
         fig.tight_layout()
@@ -232,6 +247,18 @@ def table(runs: list[dict], summary: dict, tasks: list[str]) -> str:
             cells = ", ".join(f"{fmt_lr(lr)}: {loss:.4f}" if math.isfinite(loss) else f"{fmt_lr(lr)}: diverged"
                               for lr, loss in d["grid"])
             lines.append(f"| {opt} | {cells} |")
+        if any(d["refine"] for d in s.values()):
+            lines.append("")
+            lines.append("Finer check (seed 0): 10^(±1/4) times each best lr, run after the protocol above "
+                         "(it did not change which lr the seeds used):\n")
+            lines.append("| optimizer | lr / loss |")
+            lines.append("|---|---|")
+            for opt, d in s.items():
+                pts = sorted(d["refine"] + [(d["best_lr"], dict(d["grid"])[d["best_lr"]])])
+                best = min(pts, key=lambda x: x[1])
+                cells = ", ".join(("**" if p == best else "") + f"{fmt_lr(p[0])}: {p[1]:.4f}" + ("**" if p == best else "")
+                                  for p in pts)
+                lines.append(f"| {opt} | {cells} |")
         lines.append("")
         # momentum study
         extra = [r for r in runs if r["task"] == task and r["phase"] == "momentum"]

@@ -456,6 +456,9 @@ def main(argv=None) -> None:
     parser.add_argument("--seeds", type=int, default=3, help="seeds at each optimizer's best lr (incl. seed 0)")
     parser.add_argument("--max-extend", type=int, default=2, help="grid values added beyond an edge, at most")
     parser.add_argument("--no-momentum-study", action="store_true")
+    parser.add_argument("--warmup-check", action="store_true",
+                        help="afterwards, a 20%% warm-up at each best lr (3 seeds for SM3 m=0.9 and Adam) and 3 seeds "
+                             "of SM3's momentum 2x2 (momentum 0/0.9 x both best lrs x 5%%/20%% warm-up)")
     parser.add_argument("--refine", action="store_true",
                         help="afterwards, seed 0 at 10**(+-1/4) times each best lr (a grid twice as fine there)")
     parser.add_argument("--report-only", action="store_true")
@@ -509,11 +512,31 @@ def main(argv=None) -> None:
                 if (t, "SM3") not in best or (t, "SM3 m=0.9") not in best:
                     continue
                 lr_m, lr_0 = best[t, "SM3 m=0.9"].lr, best[t, "SM3"].lr
+                # a 2x2 at the 20% warm-up: {no momentum, momentum 0.9} x {the two best lrs}
                 extra += [Run(t, "SM3 m=0.9", lr_m, warmup_fraction=0.2, phase="momentum")]
                 extra += [Run(t, "SM3", lr_0, warmup_fraction=0.2, phase="momentum")]
                 extra += [Run(t, "SM3", lr_0, momentum=0.5, phase="momentum")]
+                if lr_m != lr_0:
+                    extra += [Run(t, "SM3", lr_m, warmup_fraction=0.2, phase="momentum")]
+                    extra += [Run(t, "SM3 m=0.9", lr_0, warmup_fraction=0.2, phase="momentum")]
             execute(extra, configs, args)
-        # 5. optional: is the best between two grid values?  The same two extra values for everyone.
+        # 5. optional: does a 4x longer warm-up (20%) help SM3 with momentum, and the others too?
+        #    SM3 m=0.9 and Adam on 3 seeds, the rest on seed 0, each at its best lr.
+        if args.warmup_check:
+            wu = []
+            for (t, o), b in best.items():
+                n = args.seeds if o in ("SM3 m=0.9", "Adam") else 1
+                wu += [Run(t, o, b.lr, seed=sd, warmup_fraction=0.2, phase="warmup") for sd in range(n)]
+            # and every seed of the momentum 2x2 (momentum 0 / 0.9, both best lrs, 5% / 20% warm-up)
+            for t in tasks:
+                if (t, "SM3") in best and (t, "SM3 m=0.9") in best:
+                    for o in ("SM3", "SM3 m=0.9"):
+                        for lr in {best[t, "SM3"].lr, best[t, "SM3 m=0.9"].lr}:
+                            for w in (0.05, 0.2):
+                                wu += [Run(t, o, lr, seed=sd, warmup_fraction=w, phase="momentum")
+                                       for sd in range(args.seeds)]
+            execute(wu, configs, args)
+        # 6. optional: is the best between two grid values?  The same two extra values for everyone.
         if args.refine:
             fine = [Run(t, o, float(f"{best[t, o].lr * f:.3g}"), phase="refine")
                     for (t, o) in best for f in (10 ** -0.25, 10 ** 0.25)]

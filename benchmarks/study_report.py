@@ -224,20 +224,22 @@ def table(runs: list[dict], summary: dict, tasks: list[str]) -> str:
         acc = any(d["final_accuracy"] for d in s.values())
         p0 = next(iter(s.values()))
         lines.append(f"### {TITLES[task]} ({p0['n_params']:,} parameters, {p0['steps']} steps)\n")
-        head = "| optimizer | best lr (grid) | held-out loss, mean ± std [min, max] | "
-        head += "held-out accuracy, mean [min, max] | " if acc else ""
-        head += "optimizer state | step time, wall (cpu) |"
+        head = "| optimizer | peak lr grid (best in bold) | held-out loss: median [min, max]; mean ± std | "
+        head += "held-out accuracy: median [min, max] | " if acc else ""
+        head += "optimizer state | step time: CPU (wall) |"
         lines.append(head)
         lines.append("|" + "---|" * (head.count("|") - 1))
         for opt, d in s.items():
             f = d["final_loss"]
             lrs = ", ".join(("**" + fmt_lr(lr) + "**") if lr == d["best_lr"] else fmt_lr(lr) for lr, _ in d["grid"])
             edge = f" (at the {d['edge']} edge)" if d["edge"] else ""
-            row = f"| {opt} | {lrs}{edge} | {f['mean']:.4f} ± {f['std']:.4f} [{f['min']:.4f}, {f['max']:.4f}] ({f['n']} seeds) | "
+            q = 4 if task == "digits" else 3
+            row = (f"| {opt} | {lrs}{edge} | {f['median']:.{q}f} [{f['min']:.{q}f}, {f['max']:.{q}f}]; "
+                   f"{f['mean']:.{q}f} ± {f['std']:.{q}f} ({f['n']} seeds) | ")
             if acc:
                 a = d["final_accuracy"]
-                row += f"{a['mean']:.2%} [{a['min']:.2%}, {a['max']:.2%}] | "
-            row += f"{d['state_bytes'] / 1024:,.1f} KiB | {d['step_ms_wall']:.1f} ms ({d['step_ms_cpu']:.1f} ms) |"
+                row += f"{a['median']:.2%} [{a['min']:.2%}, {a['max']:.2%}] | "
+            row += f"{d['state_bytes'] / 1024:,.1f} KiB | {d['step_ms_cpu']:.1f} ms ({d['step_ms_wall']:.0f} ms) |"
             lines.append(row)
         lines.append("")
         lines.append("Grid (seed 0), final held-out loss per peak lr:\n")
@@ -260,18 +262,44 @@ def table(runs: list[dict], summary: dict, tasks: list[str]) -> str:
                                   for p in pts)
                 lines.append(f"| {opt} | {cells} |")
         lines.append("")
+        # warm-up check: each at its best lr, the 5% warm-up of the protocol against a 20% one
+        wu = {}
+        for opt, d in s.items():
+            rs = [r for r in runs if r["task"] == task and r["opt"] == opt and r["lr"] == d["best_lr"]
+                  and r["momentum"] is None and r["warmup_fraction"] == 0.2]
+            if rs:
+                wu[opt] = spread([r["result"]["final_loss"] for r in rs])
+        if wu:
+            lines.append("Warm-up check, each at its best lr: the protocol's 5% warm-up against a 20% one "
+                         "(run after the protocol):\n")
+            lines.append("| optimizer | peak lr | 5% warm-up: median [min, max] (seeds) | 20% warm-up: median [min, max] (seeds) |")
+            lines.append("|---|---|---|---|")
+            for opt, w in wu.items():
+                f = s[opt]["final_loss"]
+                def cell(x, q=4 if task == "digits" else 3):
+                    return (f"{x['median']:.{q}f} [{x['min']:.{q}f}, {x['max']:.{q}f}] ({x['n']})" if x["n"] > 1
+                            else f"{x['median']:.{q}f} (1)")
+                lines.append(f"| {opt} | {fmt_lr(s[opt]['best_lr'])} | {cell(f)} | {cell(w)} |")
+            lines.append("")
         # momentum study
         extra = [r for r in runs if r["task"] == task and r["phase"] == "momentum"]
         if extra:
-            lines.append("Momentum study (seed 0; the default-warm-up rows are from the grid):\n")
-            lines.append("| run | peak lr | held-out loss | RMS(step)/lr after warm-up |")
+            lrs = {s["SM3"]["best_lr"], s["SM3 m=0.9"]["best_lr"]}
+            rel = [r for r in runs if r["task"] == task and r["opt"] in ("SM3", "SM3 m=0.9") and r["lr"] in lrs]
+            groups = {}
+            for r in rel:
+                groups.setdefault((label(r), r["lr"]), []).append(r)
+            q = 4 if task == "digits" else 3
+            lines.append("SM3 without and with momentum, at the two best lrs, with the protocol's 5% warm-up and a "
+                         "20% one (all runs of these settings; seeds in brackets):\n")
+            lines.append("| run | peak lr | held-out loss: median [min, max] (seeds) | RMS(step)/lr after warm-up, median |")
             lines.append("|---|---|---|---|")
-            base = [r for r in runs if r["task"] == task and r["seed"] == 0 and r["phase"] == "grid"
-                    and r["opt"] in ("SM3", "SM3 m=0.9")
-                    and r["lr"] in {s["SM3"]["best_lr"], s["SM3 m=0.9"]["best_lr"]}]
-            for r in sorted(base + extra, key=lambda r: (label(r), r["lr"])):
-                lines.append(f"| {label(r)} | {fmt_lr(r['lr'])} | {r['result']['final_loss']:.4f} | "
-                             f"{mean_update_rms(r):.3g} |")
+            for (lab, lr), rs in sorted(groups.items(), key=lambda kv: (kv[0][0].replace(", warm-up 20%", "~"), kv[0][1])):
+                f = spread([r["result"]["final_loss"] for r in rs])
+                cell = (f"{f['median']:.{q}f} [{f['min']:.{q}f}, {f['max']:.{q}f}] ({f['n']})" if f["n"] > 1
+                        else f"{f['median']:.{q}f} (1)")
+                rms = statistics.median(mean_update_rms(r) for r in rs)
+                lines.append(f"| {lab} | {fmt_lr(lr)} | {cell} | {rms:.3g} |")
             lines.append("")
     return "\n".join(lines)
 

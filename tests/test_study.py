@@ -28,7 +28,7 @@ def _study():
 def test_quick_study_writes_finite_results(tmp_path):
     study = _study()
     out = str(tmp_path / "study")
-    study.main(["--quick", "--out", out])
+    study.main(["--quick", "--out", out, "--warmup-check", "--refine"])
 
     for name in ("study_table.md", "summary.json", "config.json", "study_lm.png", "study_lr_lm.png",
                  "study_digits.png", "study_lr_digits.png", "study_momentum.png"):
@@ -37,7 +37,7 @@ def test_quick_study_writes_finite_results(tmp_path):
     runs = [json.load(open(p)) for p in glob.glob(os.path.join(out, "runs", "*", "*.json"))]
     assert {r["task"] for r in runs} == {"lm", "digits"}
     assert {r["opt"] for r in runs} == set(study.OPTIMIZERS)
-    assert {r["phase"] for r in runs} == {"grid", "seeds", "momentum"}
+    assert {r["phase"] for r in runs} == {"grid", "seeds", "momentum", "warmup", "refine"}
     for r in runs:
         res = r["result"]
         assert res["steps"] == len(res["train_loss"]), r["opt"]

@@ -1,8 +1,11 @@
 """Does SM3 train as well as Adam, Adafactor and Adagrad, at equal tuning effort?
 
-    python benchmarks/optimizer_study.py [--out benchmarks/out] [--jobs 2]   # the full study
+    nice -n 19 python benchmarks/optimizer_study.py --jobs 2 [--out benchmarks/out]   # the protocol
+    nice -n 19 python benchmarks/optimizer_study.py --jobs 2 --warmup-check --refine    # + the follow-ups
     python benchmarks/optimizer_study.py --quick --out /tmp/study           # a few steps, tiny models
     python benchmarks/optimizer_study.py --report-only --out benchmarks/out # plots + table again
+
+The results and what they say: docs/study.md.
 
 Two tasks, both on data that ships with every machine (no download):
 
@@ -25,8 +28,11 @@ constant, linear cool-down to zero over the last 10%) through
 Protocol (equal tuning effort): a grid of learning rates per optimizer and
 task (seed 0; a value is added beyond an edge while the best sits at that
 edge, at most ``--max-extend`` times), then seeds 1 and 2 at each one's best
-(so 3 seeds there), then a few extra runs on SM3 with momentum (longer
-warm-up, momentum 0.5) to see why it does worse than without.  Each run is a
+(so 3 seeds there), then a few extra runs on SM3 with momentum (a 20%
+warm-up, the other one's best lr, momentum 0.5) to see why it does worse
+than without.  ``--warmup-check`` then gives every optimizer the 20% warm-up
+at its best lr and runs all seeds of SM3's momentum 2x2; ``--refine`` runs
+seed 0 at 10**(+-1/4) times each best lr.  Each run is a
 JSON file under ``OUT/runs/`` and a run whose file exists is skipped, so the
 study resumes where it stopped.  ``OUT/study_table.md`` and ``OUT/*.png`` are
 the report.

@@ -13,8 +13,8 @@ from sm3fn._kernels.sparse import SparseSpec, check_spec
 from sm3fn.base import GradientTransformation, OptState, ScalarOrSchedule, Tree
 from sm3fn.transforms.combine import check_chain_state, named_chain
 from sm3fn.transforms.momentum import checked_buffers, ema
+from sm3fn.transforms.preconditioner import accumulator_state, checked_inputs, scale_by_sm3
 from sm3fn.transforms.scaling import COUNT, scale_by_learning_rate
-from sm3fn.transforms.sm3 import accumulator_state, checked_inputs, scale_by_sm3
 
 __all__ = ["sm3"]
 

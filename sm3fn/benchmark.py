@@ -279,7 +279,7 @@ def bench_functional_overhead(n_tensors: int = 200, repeats: int = 30, size: int
 
     def tree_only():  # what the containers alone cost: flatten, rebuild, state TensorDicts
         _tree.flatten(grads, "grads")
-        sm3fn.transforms.sm3.accumulators_by_param(state["sm3"])
+        sm3fn.transforms.preconditioner.accumulators_by_param(state["sm3"])
         _tree.unflatten_like(grads, flat)
         _tree.state_tree({k + (f"{sm3fn.base.ACCUMULATOR_PREFIX}0",): v for k, v in flat.items()})
 

@@ -20,7 +20,7 @@ from sm3fn._kernels import check_kernel_choice, sm3_step_
 from sm3fn._kernels import sharded as _sharded
 from sm3fn._kernels import sparse as _sparse
 from sm3fn.base import ACCUMULATOR_PREFIX, COUNT, OptState, ScalarOrSchedule, Tree
-from sm3fn.transforms.sm3 import accumulators_by_param, check_grad
+from sm3fn.transforms.preconditioner import accumulators_by_param, check_grad
 
 __all__ = ["sm3_update_"]
 

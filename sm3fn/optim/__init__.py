@@ -6,6 +6,6 @@
 """
 
 from sm3fn.optim.functional import FunctionalOptimizer
-from sm3fn.optim.sm3 import SM3
+from sm3fn.optim.sm3_optimizer import SM3
 
 __all__ = ["FunctionalOptimizer", "SM3"]

@@ -8,8 +8,8 @@ from sm3fn.transforms.finite import apply_if_finite, zero_nans
 from sm3fn.transforms.freezing import freeze, set_to_zero
 from sm3fn.transforms.masking import masked, partition
 from sm3fn.transforms.momentum import ema, trace
+from sm3fn.transforms.preconditioner import scale_by_sm3
 from sm3fn.transforms.scaling import scale, scale_by_learning_rate, scale_by_schedule
-from sm3fn.transforms.sm3 import scale_by_sm3
 from sm3fn.transforms.weight_decay import add_decayed_weights
 
 __all__ = [

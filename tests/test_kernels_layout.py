@@ -317,3 +317,38 @@ def test_views_into_a_flat_buffer_step_in_place_and_leave_the_rest_alone():
         assert torch.equal(flat[~touched], before[~touched]) and not torch.equal(flat[touched], before[touched])
         got.append(flat)
     torch.testing.assert_close(got[0], got[1], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("shape,order", [((9, 4, 1, 1), [0, 1, 2, 3]), ((9, 4, 1, 1), CL4), ((5, 1, 3, 3), CL4),
+                                         ((5, 1, 3, 3), [0, 1, 2, 3]), ((3, 1, 1, 4, 1), [0, 1, 2, 3, 4]),
+                                         ((1, 1, 6, 1), [0, 1, 2, 3])], ids=str)
+def test_groups_with_size_one_dims_match_the_blocked_path_from_any_accumulators(shape, order):
+    """A table's dims of size 1 are reduced back with one max over the whole table; that must give
+    the blocked path's bits for accumulators no step could have made (a size-1 dim's accumulator
+    below or above the others, as a hand-edited checkpoint may hold), in place and out of place,
+    on every split."""
+    from sm3fn._kernels.dispatch import sm3_step
+
+    k = len(shape)
+    for split in range(1, k):
+        gen = torch.Generator().manual_seed(split)
+        p0 = laid_out(torch.randn(shape, generator=gen), order)
+        g = laid_out(torch.randn(shape, generator=gen), order)
+        # random, inconsistent: each accumulator drawn on its own, some entries zero
+        accs0 = [torch.rand([n if j == i else 1 for j, n in enumerate(shape)], generator=gen) * 3
+                 for i in range(k)]
+        accs0[0].view(-1)[0] = 0.0
+        results = []
+        for fused in (True, False):
+            p, accs = p0.clone(memory_format=torch.preserve_format), [a.clone() for a in accs0]
+            with _forced_split(split):
+                sm3_step_([p], [g], [accs], [None], lr=0.05, momentum=0.0, beta=0.0, eps=1e-30, fused=fused)
+                u, new_accs, _ = sm3_step([g], [accs0], beta=0.0, eps=1e-30, fused=fused)
+            results.append((p, accs, u[0], new_accs[0]))
+        (fp, fa, fu, fna), (bp, ba, bu, bna) = results
+        for a, b in zip(fa + fna, ba + bna):
+            assert torch.equal(a, b), (shape, order, split)
+        # u and p round a square root and a division: within float32's rounding, as _assert_same
+        eps = torch.finfo(torch.float32).eps
+        torch.testing.assert_close(fu, bu, rtol=2 * eps, atol=0)
+        torch.testing.assert_close(fp, bp, rtol=2 * eps, atol=2 * eps)

@@ -201,14 +201,40 @@ def _group_accumulator(accs: Sequence[torch.Tensor], outs: Sequence[torch.Tensor
     """
     if len(dims) == 1:
         return accs[dims[0]].view(-1), outs[dims[0]].view(-1), None
-    group = [accs[d].view([n if j == i else 1 for j, n in enumerate(shape)]) for i, d in enumerate(dims)]
-    table = cover_minimum(group).contiguous()  # broadcast over the group: prod(shape) numbers
+    views, live_shape, live_dims, lone_dims = _group_views(tuple(shape))
+    table = cover_minimum([accs[d].view(v) for d, v in zip(dims, views)]).contiguous()
+    flat = table.view(-1)  # broadcast over the group: prod(shape) numbers
+    live = [dims[i] for i in live_dims]
+    lone = [dims[i] for i in lone_dims]
 
     def finish() -> None:
-        for d, new in zip(dims, cover_maxima(table.view(shape))):
+        # cover_maxima over the group's dims of size > 1 only: a dim of size 1 adds nothing to
+        # reduce over (the max over one number is that number), so these equal the full
+        # group's maxima bit for bit, in fewer reductions (none for one live dim: the table)
+        for d, new in zip(live, cover_maxima(table.view(live_shape))):
             outs[d].view(-1).copy_(new.view(-1))
+        if lone:
+            # a dim of size 1: the max over every other dim, i.e. over the whole table (max is
+            # exact and order-free), reduced once for all of them and written in place
+            first = outs[lone[0]].view(())
+            torch.amax(flat, dim=0, out=first)
+            for d in lone[1:]:
+                outs[d].view(()).copy_(first)
 
-    return table.view(-1), table.view(-1), finish
+    return flat, flat, finish
+
+
+@functools.lru_cache(maxsize=4096)
+def _group_views(shape: tuple[int, ...]) -> tuple[tuple[tuple[int, ...], ...], tuple[int, ...],
+                                                  tuple[int, ...], tuple[int, ...]]:
+    """A group's per-dim broadcast views, the sizes of its dims > 1, and the positions of those and of size-1 dims.
+
+    Values-free, so cached per group shape (a ResNet has a few dozen).
+    """
+    views = tuple(tuple(n if j == i else 1 for j, n in enumerate(shape)) for i in range(len(shape)))
+    live = tuple(i for i, n in enumerate(shape) if n != 1)
+    lone = tuple(i for i, n in enumerate(shape) if n == 1)
+    return views, tuple(shape[i] for i in live), live, lone
 
 
 def row_problem(

@@ -127,11 +127,13 @@ def presentable(p: torch.Tensor) -> bool:
 
 def same_layout(p: torch.Tensor, *others: torch.Tensor) -> bool:
     """Whether ``p`` is dense (:func:`physical_order`) and ``others`` lie in memory exactly as it does."""
-    if _order(tuple(p.shape), p.stride()) is None:
+    strides = p.stride()
+    if _order(tuple(p.shape), strides) is None:
         return False
     # dense, same shape: the same memory order iff the same strides on every dim of size > 1
+    # (equal stride tuples, the common case, are checked first: one comparison per tensor)
     live = [d for d, n in enumerate(p.shape) if n != 1]
-    return all(all(t.stride(d) == p.stride(d) for d in live) for t in others)
+    return all(s == strides or all(s[d] == strides[d] for d in live) for s in (t.stride() for t in others))
 
 
 def table_numbers(shape: Sequence[int], s: int) -> int:
@@ -204,24 +206,35 @@ def _group_accumulator(accs: Sequence[torch.Tensor], outs: Sequence[torch.Tensor
     views, live_shape, live_dims, lone_dims = _group_views(tuple(shape))
     table = cover_minimum([accs[d].view(v) for d, v in zip(dims, views)]).contiguous()
     flat = table.view(-1)  # broadcast over the group: prod(shape) numbers
-    live = [dims[i] for i in live_dims]
     lone = [dims[i] for i in lone_dims]
+    if len(live_dims) <= 1:
+        # one dim of size > 1 (a 1x1 conv's (in, 1, 1)), or none: its accumulator's new values
+        # are the table's new maxima themselves (cover_maxima of a 1-d table is the table), so
+        # the kernel writes them there directly, and each size-1 dim gets their max (below)
+        owner = dims[live_dims[0]] if live_dims else lone.pop(0)
+        written = outs[owner].view(-1)
+        return flat, written, functools.partial(_write_whole_max, written, [outs[d] for d in lone])
+    live = [dims[i] for i in live_dims]
 
     def finish() -> None:
         # cover_maxima over the group's dims of size > 1 only: a dim of size 1 adds nothing to
         # reduce over (the max over one number is that number), so these equal the full
-        # group's maxima bit for bit, in fewer reductions (none for one live dim: the table)
+        # group's maxima bit for bit, in fewer reductions
         for d, new in zip(live, cover_maxima(table.view(live_shape))):
             outs[d].view(-1).copy_(new.view(-1))
-        if lone:
-            # a dim of size 1: the max over every other dim, i.e. over the whole table (max is
-            # exact and order-free), reduced once for all of them and written in place
-            first = outs[lone[0]].view(())
-            torch.amax(flat, dim=0, out=first)
-            for d in lone[1:]:
-                outs[d].view(()).copy_(first)
+        _write_whole_max(flat, [outs[d] for d in lone])
 
     return flat, flat, finish
+
+
+def _write_whole_max(maxima: torch.Tensor, lone: Sequence[torch.Tensor]) -> None:
+    """Each accumulator of a size-1 dim of a group: the max over every other dim, i.e. over the
+    whole table of new ``maxima`` (exact and order-free), reduced once and written in place."""
+    if lone:
+        first = lone[0].view(())
+        torch.amax(maxima, dim=0, out=first)
+        for a in lone[1:]:
+            a.view(()).copy_(first)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -277,5 +290,10 @@ def row_problem(
             f()
 
     # dense: the numel elements from each tensor's first one, in memory order (a view, never a copy)
-    views = tuple(t.as_strided((rows, cols), (cols, 1)) for t in tensors)
+    # (one view per distinct tensor: in place the inputs and outputs are the same tensors)
+    made: dict[int, torch.Tensor] = {}
+    for t in tensors:
+        if id(t) not in made:
+            made[id(t)] = t.as_strided((rows, cols), (cols, 1))
+    views = tuple(made[id(t)] for t in tensors)
     return RowProblem(views, row_acc, col_acc, row_out, col_out, finish if finishers else _nothing)

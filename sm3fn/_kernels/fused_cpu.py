@@ -526,7 +526,8 @@ def supported(p: torch.Tensor, g: torch.Tensor, accs: Sequence[torch.Tensor],
     if stats != (p.dtype if p.dtype in STATISTICS else torch.float32):
         return False
     for t in (p, g, *accs) if m is None else (p, g, *accs, m):
-        if type(t) not in _PLAIN or t.device.type != "cpu" or t.layout != torch.strided:
+        # (is_cpu and an identity test: this runs for every tensor of every step)
+        if type(t) not in _PLAIN or not t.is_cpu or t.layout is not torch.strided:
             return False
     if not all(a.is_contiguous() for a in accs):
         return False
@@ -560,7 +561,7 @@ def _run(kernel, g, p_in, p_out, m_in, m_out, accs_in, accs_out, hp) -> None:
     # (m_in/m_out stand in for the momentum buffer without one: never read or written then)
     with_m = m_in is not accs_in[0]
     problem = _layout.row_problem([g, p_in, p_out] + ([m_in, m_out] if with_m else []), accs_in,
-                                  threads, new_accs=accs_out)
+                                  threads, new_accs=accs_out, same_layout_checked=True)
     assert problem is not None, "supported() admits only the tensors the layout presents"
     g, p_in, p_out, *ms = problem.views
     m_in, m_out = ms if with_m else (problem.row_acc, problem.row_out)

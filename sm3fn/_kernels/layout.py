@@ -256,6 +256,7 @@ def row_problem(
     threads: int = 1,
     split: Optional[int] = None,
     new_accs: Optional[Sequence[torch.Tensor]] = None,
+    same_layout_checked: bool = False,
 ) -> Optional[RowProblem]:
     """``tensors`` (one shape, ``k >= 2`` dims) and their keepdim accumulators as a row problem.
 
@@ -268,7 +269,9 @@ def row_problem(
     strided path, the blocked one), or if every split needs large tables
     (:func:`choose_split`).  ``accs`` must be contiguous.  ``threads``: how
     many the kernel will run on (for :func:`choose_split`); ``split``
-    overrides it (for measuring).  Allocates only the tables.  The plan
+    overrides it (for measuring).  ``same_layout_checked``: the caller has
+    already checked :func:`same_layout` (the kernel's ``supported`` does, on
+    every step), so it is not checked again.  Allocates only the tables.  The plan
     (memory order, split) is cached per shape, strides and threads.
     """
     first = tensors[0]
@@ -278,7 +281,7 @@ def row_problem(
         return RowProblem(tuple(tensors), accs[0].view(-1), accs[1].view(-1), outs[0].view(-1),
                           outs[1].view(-1), _nothing)
     plan = _plan(tuple(first.shape), first.stride(), threads, split)
-    if plan is None or not same_layout(*tensors):
+    if plan is None or not (same_layout_checked or same_layout(*tensors)):
         return None
     rows, cols, row_dims, row_shape, col_dims, col_shape = plan
     row_acc, row_out, finish_rows = _group_accumulator(accs, outs, row_dims, row_shape)

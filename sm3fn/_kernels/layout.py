@@ -79,10 +79,12 @@ class RowProblem:
     numbers), contiguous and 1-d, are what the kernel reads: views of the
     accumulators where a group is one dim, tables otherwise.  ``row_out`` and
     ``col_out`` are where it writes the new maxima (saturated) after its
-    sweep: the same tensors in place; views of the new accumulators, or the
-    tables again (their old values are no longer needed), out of place.  Call
-    ``finish()`` once after the kernel has run: it reduces the tables' new
-    maxima into the accumulators (a no-op when there is no table).
+    sweep: the same tensors in place; views of the new accumulators out of
+    place; for a table, the accumulator (view) of its one dim of size > 1 if
+    it has one (the table's new maxima are that accumulator's), else the
+    table again (its old values are no longer needed).  Call ``finish()``
+    once after the kernel has run: it reduces the tables' new maxima into the
+    other accumulators (a no-op when there is no table).
     """
 
     views: tuple[torch.Tensor, ...]

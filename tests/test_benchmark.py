@@ -94,3 +94,14 @@ def test_step_peak_bytes_keeps_kineto_lines_off_stderr(capfd):
     err = capfd.readouterr().err
     assert "USDT" not in err and "profiler_start" not in err
     assert "after" in err
+
+
+def test_layout_overhead_prints_per_tensor_and_preset_figures(monkeypatch, capsys):
+    """The script behind docs/speed.md's layout-step figures runs, restores sweep_, prints its figures."""
+    from sm3fn._kernels import fused_cpu
+
+    sweep = fused_cpu.sweep_
+    _run_script("layout_overhead.py", [], monkeypatch)
+    out = capsys.readouterr().out
+    assert fused_cpu.sweep_ is sweep  # the timing wrapper is taken off again
+    assert "(1024, 256, 1, 1)" in out and "layout (sweep_ less kernel)" in out

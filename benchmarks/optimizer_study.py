@@ -188,33 +188,9 @@ class DigitsData:
 
 
 # --- models --------------------------------------------------------------------------------------
-class Block(nn.Module):
-    def __init__(self, dim: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
-
-    def forward(self, x):
-        b, t, d = x.shape
-        q, k, v = self.qkv(self.norm1(x)).view(b, t, 3, self.heads, d // self.heads).unbind(2)
-        att = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
-        x = x + self.proj(att.transpose(1, 2).reshape(b, t, d))
-        return x + self.mlp(self.norm2(x))
-
-
-class ByteTransformer(nn.Module):
-    def __init__(self, vocab: int, context: int, dim: int, heads: int, layers: int):
-        super().__init__()
-        self.embed = nn.Embedding(vocab, dim)
-        self.pos = nn.Parameter(torch.randn(context, dim) * 0.02)
-        self.blocks = nn.Sequential(*[Block(dim, heads) for _ in range(layers)])
-        self.norm = nn.LayerNorm(dim)
-        self.head = nn.Linear(dim, vocab)
-
-    def forward(self, x):
-        return self.head(self.norm(self.blocks(self.embed(x) + self.pos[: x.shape[1]])))
+# The byte-level model is examples/char_lm.py's transformer (one definition of it).
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
+from char_lm import CharTransformer as ByteTransformer  # noqa: E402
 
 
 class DigitsCNN(nn.Module):

@@ -237,6 +237,32 @@ def test_build_failure_with_fused_true_raises_and_writes_nothing(no_compiler):
     assert (state == before_s).all()
 
 
+def test_build_failure_in_a_later_group_with_weight_decay_writes_nothing(monkeypatch):
+    """SM3(fused=True): a kernel of the second group that cannot be built raises before the first
+    group is stepped and before any group's weight decay is applied."""
+    real_build = _fused.build
+
+    def build(g, accs, m, beta, *args, **kwargs):
+        if g.dtype == torch.float64:
+            raise _fused.BuildError("no float64 kernel here; pass fused=False")
+        return real_build(g, accs, m, beta, *args, **kwargs)
+
+    monkeypatch.setattr(_fused, "build", build)
+    gen = torch.Generator().manual_seed(5)
+    first = [torch.nn.Parameter(torch.randn(4, 5, generator=gen)), torch.nn.Parameter(torch.randn(5, generator=gen))]
+    second = [torch.nn.Parameter(torch.randn(3, 4, generator=gen, dtype=torch.float64))]
+    opt = SM3([{"params": first}, {"params": second}], lr=0.1, momentum=0.5, weight_decay=0.1, fused=True)
+    for p in first + second:
+        p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+    before = [p.detach().clone() for p in first + second]
+    with pytest.raises(_fused.BuildError, match="no float64 kernel"):
+        opt.step()
+    for p, b in zip(first + second, before):
+        assert torch.equal(p.detach(), b)
+    for p in first + second:  # state made for the step, but nothing stepped: all zero
+        assert all(torch.count_nonzero(v) == 0 for k, v in opt.state[p].items())
+
+
 def test_build_failure_with_fused_none_warns_once_and_falls_back(no_compiler):
     gen = torch.Generator().manual_seed(3)
     p = torch.nn.Parameter(torch.randn(4, 5, generator=gen))

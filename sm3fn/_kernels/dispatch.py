@@ -133,6 +133,27 @@ def refuse_uncovered(p: torch.Tensor, g: torch.Tensor, accs: Sequence[torch.Tens
     )
 
 
+def build_kernels(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[Optional[torch.Tensor]],
+    accumulators: Sequence[Sequence[torch.Tensor]],
+    momentum_buffers: Sequence[Optional[torch.Tensor]],
+    *,
+    beta: float,
+) -> None:
+    """Builds now (or finds cached) the fused CPU kernels a ``fused=True`` in-place step of these
+    plain dense tensors needs, raising :class:`~sm3fn._kernels.fused_cpu.BuildError` if one
+    cannot be built.
+
+    For a caller that writes something before its :func:`sm3_step_` calls (an optimizer's
+    weight decay, several param groups stepped in turn): calling this first for every group
+    keeps "a failing step writes nothing".  The step itself then finds the kernels cached.
+    """
+    items = [(p, g, list(accs), m) for p, g, accs, m in zip(params, grads, accumulators, momentum_buffers)
+             if g is not None and g.layout == torch.strided and not _sharded.is_dtensor(p)]
+    _built(_use_fused(True, False), True, items, lambda p, g, accs, m: _fused.build(g, accs, m, beta))
+
+
 # --------------------------------------------------------------------------- in place
 
 

@@ -32,7 +32,7 @@ from sm3fn import _checks
 from sm3fn._kernels import check_kernel_choice, sm3_step_
 from sm3fn._kernels import sharded as _sharded
 from sm3fn._kernels import sparse as _sparse
-from sm3fn._kernels.dispatch import refuse_uncovered
+from sm3fn._kernels.dispatch import build_kernels, refuse_uncovered
 from sm3fn._sm3_math import accumulator_shapes
 from sm3fn.alias import sm3 as sm3_tx
 from sm3fn.base import ACCUMULATOR_PREFIX
@@ -423,19 +423,26 @@ class SM3(FunctionalOptimizer):
                         state[name] = value
                 state.setdefault(STEP, torch.zeros((), dtype=torch.int64))
         # 3. the in-place step, through the one dispatcher (sparse, DTensor, fused, blocked)
+        steps = []  # (group, dense params, every param stepped, states, accumulators, momentum buffers)
         for group, params, sparse in work:
             self._row_state(sparse)
-            momentum = group["momentum"]
             stepped = params + sparse
             states = [self.state[p] for p in stepped]
+            steps.append((group, params, stepped, states, [_accumulators(s, p) for s, p in zip(states, stepped)],
+                          [s[MOMENTUM_BUFFER] if group["momentum"] > 0 and not p.grad.is_sparse
+                           and not _row_cover(s, p) else None for s, p in zip(states, stepped)]))
+        if self.fused is True:  # every group's kernels built before any group (or its decay) writes
+            for group, _, stepped, _, accs, moms in steps:
+                build_kernels(stepped, [p.grad for p in stepped], accs, moms, beta=group["beta"])
+        for group, params, stepped, states, accs, moms in steps:
+            momentum = group["momentum"]
             if params and group.get("weight_decay", 0.0) != 0:  # dense only: _check_sparse refuses the rest
                 _decay_weights_(params, group["lr"], group["weight_decay"])
             sm3_step_(
                 stepped,
                 [p.grad for p in stepped],
-                [_accumulators(s, p) for s, p in zip(states, stepped)],
-                [s[MOMENTUM_BUFFER] if momentum > 0 and not p.grad.is_sparse and not _row_cover(s, p)
-                 else None for s, p in zip(states, stepped)],
+                accs,
+                moms,
                 lr=one_value("lr", group["lr"]),  # a one-element tensor as 0-d
                 momentum=momentum,
                 beta=group["beta"],
